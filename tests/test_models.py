@@ -1,0 +1,143 @@
+import pytest
+import torch
+
+from training.data.sequences import DataInfo
+from training.losses import LossConfig, negative_distribution, recommendation_loss
+from training.models.gru4rec import GRU4RecConfig
+from training.models.pop import PopConfig
+from training.models.sasrec import SASRecConfig
+
+INFO = DataInfo(num_items=30, num_users=5, max_len=8, item_counts=torch.arange(31))
+
+
+def _batch(seed=0, b=4, n=8):
+    g = torch.Generator().manual_seed(seed)
+    items = torch.randint(1, 31, (b, n), generator=g)
+    items[0, :3] = 0  # left padding
+    times = torch.cumsum(torch.randint(1, 100, (b, n), generator=g), 1)
+    return items, times, torch.arange(b)
+
+
+@pytest.mark.parametrize("cfg", [SASRecConfig(hidden=16, heads=2, inner=32), GRU4RecConfig(embedding=16, hidden=24)])
+def test_shapes_and_causality(cfg):
+    torch.manual_seed(0)
+    model = cfg.build(INFO).eval()
+    items, times, users = _batch()
+    states = model(items, times, users)
+    assert states.shape[:2] == items.shape
+    assert model.score(states[:, -1]).shape == (4, 31)
+    changed = items.clone()
+    changed[:, -1] = (changed[:, -1] % 30) + 1
+    states2 = model(changed, times, users)
+    assert torch.allclose(states[:, :-1], states2[:, :-1], atol=1e-5)  # the future never leaks back
+
+
+@pytest.mark.parametrize("cfg", [SASRecConfig(hidden=16, heads=2, inner=32), GRU4RecConfig(embedding=16, hidden=24)])
+def test_padding_amount_does_not_change_last_state(cfg):
+    torch.manual_seed(0)
+    model = cfg.build(INFO).eval()
+    items = torch.tensor([[0, 0, 0, 5, 6, 7, 8, 9]])
+    short = items[:, 3:]
+    times = torch.zeros_like(items)
+    if isinstance(cfg, GRU4RecConfig):
+        a = model(items, times, torch.zeros(1))[:, -1]
+        b = model(short, times[:, 3:], torch.zeros(1))[:, -1]
+        assert torch.allclose(a, b, atol=1e-5)
+    else:  # positions count back from the newest event, so the same tail gives the same state
+        a = model(items, times, torch.zeros(1))[:, -1]
+        b = model(torch.cat([torch.zeros(1, 3, dtype=torch.long), short], 1), times, torch.zeros(1))[:, -1]
+        assert torch.allclose(a, b)
+
+
+def test_gru_full_sequence_equals_stepwise():
+    torch.manual_seed(0)
+    model = GRU4RecConfig(embedding=8, hidden=8).build(INFO).eval()
+    items = torch.tensor([[0, 0, 3, 4, 5]])
+    full = model(items, torch.zeros_like(items), torch.zeros(1))
+    for t in range(2, 5):
+        prefix = items[:, : t + 1]
+        assert torch.allclose(model(prefix, torch.zeros_like(prefix), torch.zeros(1))[:, -1], full[:, t], atol=1e-6)
+
+
+def test_pop_scores_by_popularity():
+    model = PopConfig().build(INFO)
+    items, times, users = _batch()
+    scores = model.score(model(items, times, users)[:, -1])
+    assert torch.equal(scores[0], torch.arange(31).float())
+    assert not model.trainable
+
+
+@pytest.mark.parametrize("name", ["ce", "sampled", "bce"])
+def test_losses_decrease_when_fitting(name):
+    torch.manual_seed(0)
+    cfg = LossConfig(name=name, num_negatives=10)
+    table = torch.nn.Parameter(torch.randn(31, 8) * 0.1)
+    states = torch.nn.Parameter(torch.randn(16, 8) * 0.1)
+    targets = torch.randint(1, 31, (16,))
+    probs = negative_distribution(cfg, torch.arange(31), 30)
+    opt = torch.optim.Adam([table, states], lr=0.05)
+    first = None
+    for _ in range(50):
+        loss = recommendation_loss(states, targets, table, cfg, probs, torch.Generator().manual_seed(1))
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first * 0.5
+    assert probs[0] == 0
+
+
+def test_bad_loss_config_is_named():
+    with pytest.raises(ValueError, match="loss.name"):
+        LossConfig(name="hinge")
+
+
+def _lsti_info():
+    g = torch.Generator().manual_seed(0)
+    return DataInfo(num_items=30, num_users=5, max_len=8, item_counts=torch.arange(31),
+                    item_text=torch.randn(31, 12, generator=g), text_dim=12)
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"fusion": "id"}, {"fusion": "text", "adapter": "mlp"}, {"combine": "sum"}, {"use_short": False},
+    {"use_long": False}, {"user_fusion": "concat"}, {"session_gap": 50.0, "short_rnn": "lstm"},
+    {"user_embedding": True, "use_time": False},
+])
+def test_lsti_variants_are_causal(overrides):
+    from training.models.lsti import LSTIConfig
+
+    torch.manual_seed(0)
+    cfg = LSTIConfig(hidden=16, heads=2, inner=32, short_len=3, **overrides)
+    model = cfg.build(_lsti_info()).eval()
+    items, times, users = _batch()
+    qt = times + 5
+    states = model(items, times, users, query_times=qt)
+    assert states.shape == (4, 8, 16) and torch.isfinite(states).all()
+    changed = items.clone()
+    changed[:, -1] = (changed[:, -1] % 30) + 1
+    states2 = model(changed, times, users, query_times=qt)
+    assert torch.allclose(states[:, :-1], states2[:, :-1], atol=1e-5)
+    table = model.item_table()
+    assert table.shape == (31, 16) and torch.all(table[0] == 0)
+
+
+def test_lsti_text_mode_has_no_id_table_and_needs_text():
+    from training.models.lsti import LSTIConfig
+
+    model = LSTIConfig(hidden=16, fusion="text").build(_lsti_info())
+    assert not hasattr(model, "item_emb")
+    with pytest.raises(ValueError, match="text"):
+        LSTIConfig(fusion="id+text").build(INFO)
+    with pytest.raises(ValueError, match="use_long"):
+        LSTIConfig(use_long=False, use_short=False)
+
+
+def test_lsti_session_window_drops_events_before_the_gap():
+    from training.models.lsti import LSTIConfig
+
+    model = LSTIConfig(hidden=8, heads=2, short_len=4, session_gap=10.0, fusion="id").build(INFO)
+    items = torch.tensor([[1, 2, 3, 4, 5]])
+    times = torch.tensor([[0, 1, 100, 101, 102]])
+    _, valid = model._short_windows(items, times)
+    assert valid[0, -1].tolist() == [False, True, True, True]  # event at t=1 is before the 99 s gap
+    assert valid[0, 1].tolist() == [False, False, True, True]

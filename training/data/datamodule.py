@@ -1,0 +1,354 @@
+"""One LightningDataModule for every dataset: batches are vectorised gathers from cached arrays.
+
+A batch is built by one fancy-indexing call over the flat event arrays (see `window_indices`), so the
+loader costs microseconds per batch and never starves the model. Sharding across processes is done
+here rather than by a DistributedSampler: training shards are padded to equal length (needed for
+collective ops), evaluation shards are disjoint and unpadded, so no user is counted twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from training.data.errors import DataError
+from training.data.sequences import (
+    DataInfo,
+    EvalSplit,
+    PreprocessConfig,
+    SequenceData,
+    build_sequences,
+    cache_key,
+)
+from training.paths import cache_dir
+
+log = logging.getLogger(__name__)
+
+
+def _dist() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def window_indices(offsets: torch.Tensor, users: torch.Tensor, ends: torch.Tensor, length: int) -> tuple:
+    """Global event indices of the `length` events before `ends` (exclusive) per row, left padded.
+
+    Returns (index [B, L] clamped to valid range, valid mask [B, L]).
+    """
+    starts = offsets[users]
+    idx = (starts + ends).unsqueeze(1) - length + torch.arange(length, dtype=torch.int64)
+    valid = idx >= starts.unsqueeze(1)
+    return idx.clamp_min(0), valid
+
+
+def training_windows(data: SequenceData, max_len: int, stride: int | None, mode: str) -> tuple:
+    """Training samples as (user, end, first_target_loss): every training target is covered once.
+
+    A sample (u, e) feeds events [e-L, e) and predicts events [e-L+1, e]. Windows step back from the
+    last training event by `stride`; each window only scores its newest `stride` targets (older ones
+    belong to the previous window, where they have more context), except the oldest window.
+    """
+    stride = max_len if stride is None else stride
+    if not 0 < stride <= max_len:
+        raise DataError(f"data.train_stride={stride} must be in [1, data.max_len={max_len}].")
+    last = data.train_end - 1  # index of the last training target
+    users = np.flatnonzero(last >= 1)
+    if users.shape[0] == 0:
+        raise DataError("No user has two or more training events: nothing to train on.")
+    if mode == "last":
+        ends = last[users]
+        return users, ends, np.maximum(ends - max_len + 1, 1)
+    if mode != "all":
+        raise DataError(f"data.train_windows={mode!r}: use 'all' or 'last'.")
+    counts = np.ceil(last[users] / stride).astype(np.int64)
+    sample_user = np.repeat(users, counts)
+    k = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    ends = last[sample_user] - k * stride
+    is_oldest = k == np.repeat(counts - 1, counts)
+    first_loss = np.where(is_oldest, 1, ends - stride + 1)
+    return sample_user, ends, first_loss
+
+
+class TrainWindows(Dataset):
+    """Indexed by a list of sample ids; returns a whole batch (no per-sample collation)."""
+
+    def __init__(self, data: SequenceData, max_len: int, stride: int | None = None, mode: str = "all"):
+        self.max_len = max_len
+        self.offsets = torch.from_numpy(data.offsets)
+        self.items = torch.from_numpy(data.items)
+        self.times = torch.from_numpy(data.times)
+        users, ends, first = training_windows(data, max_len, stride, mode)
+        self.users, self.ends, self.first = (torch.from_numpy(a) for a in (users, ends, first))
+
+    def __len__(self) -> int:
+        return int(self.users.shape[0])
+
+    def __getitem__(self, sample_ids: list[int] | torch.Tensor) -> dict[str, torch.Tensor]:
+        s = torch.as_tensor(sample_ids, dtype=torch.int64)
+        users, ends = self.users[s], self.ends[s]
+        idx, valid = window_indices(self.offsets, users, ends, self.max_len)
+        target_pos = idx + 1 - self.offsets[users].unsqueeze(1)  # event position of each target
+        has_loss = valid & (target_pos >= self.first[s].unsqueeze(1))
+        next_idx = (idx + 1).clamp_max(self.items.shape[0] - 1)
+        return {
+            "items": torch.where(valid, self.items[idx], 0),
+            "times": torch.where(valid, self.times[idx], 0),
+            "targets": torch.where(has_loss, self.items[next_idx], 0),
+            "target_times": torch.where(valid, self.times[next_idx], 0),
+            "users": users,
+        }
+
+
+class EvalQueries(Dataset):
+    """Evaluation batches: the history window before each target plus the full history as CSR."""
+
+    def __init__(self, data: SequenceData, split: EvalSplit, max_len: int):
+        self.max_len = max_len
+        self.offsets = torch.from_numpy(data.offsets)
+        self.items = torch.from_numpy(data.items)
+        self.times = torch.from_numpy(data.times)
+        self.train_end = torch.from_numpy(data.train_end)
+        self.user = torch.from_numpy(split.user)
+        self.pos = torch.from_numpy(split.pos)
+
+    def __len__(self) -> int:
+        return int(self.user.shape[0])
+
+    def __getitem__(self, query_ids: list[int] | torch.Tensor) -> dict[str, torch.Tensor]:
+        q = torch.as_tensor(query_ids, dtype=torch.int64)
+        users, pos = self.user[q], self.pos[q]
+        idx, valid = window_indices(self.offsets, users, pos, self.max_len)
+        target_idx = self.offsets[users] + pos
+        # Full history (not only the window) as CSR, for filter_seen.
+        seen_offsets = torch.zeros(q.shape[0] + 1, dtype=torch.int64)
+        torch.cumsum(pos, 0, out=seen_offsets[1:])
+        row_start = torch.repeat_interleave(seen_offsets[:-1], pos)
+        flat = torch.repeat_interleave(self.offsets[users], pos) + torch.arange(int(seen_offsets[-1])) - row_start
+        return {
+            "items": torch.where(valid, self.items[idx], 0),
+            "times": torch.where(valid, self.times[idx], 0),
+            "target": self.items[target_idx],
+            "target_time": self.times[target_idx],
+            "users": users,
+            "query": q,
+            "train_len": torch.minimum(self.train_end[users], pos),
+            "seen_offsets": seen_offsets,
+            "seen_items": self.items[flat],
+        }
+
+
+class ShardedBatchSampler(Sampler):
+    """Yields lists of indices for this process; deterministic in (seed, epoch).
+
+    shuffle + pad (training): every rank gets the same number of batches. No shuffle, no pad
+    (evaluation): rank r takes a contiguous, disjoint block, so no query is duplicated or dropped.
+    """
+
+    def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False):
+        self.size, self.batch_size, self.shuffle, self.seed, self.drop_last = size, batch_size, shuffle, seed, drop_last
+        self.epoch = 0
+        self.skip_batches = 0  # set when resuming mid-epoch
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> torch.Tensor:
+        rank, world = _dist()
+        if self.shuffle:
+            g = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.size, generator=g)
+            per_rank = -(-self.size // world)
+            if per_rank * world > self.size:  # pad by wrapping so every rank steps together
+                order = torch.cat([order, order[: per_rank * world - self.size]])
+            return order[rank * per_rank:(rank + 1) * per_rank]
+        bounds = np.linspace(0, self.size, world + 1).round().astype(np.int64)
+        return torch.arange(int(bounds[rank]), int(bounds[rank + 1]))
+
+    def __iter__(self):
+        idx = self._indices()
+        n = len(self)
+        for b in range(self.skip_batches, n):
+            yield idx[b * self.batch_size:(b + 1) * self.batch_size]
+        self.skip_batches = 0
+
+    def __len__(self) -> int:
+        rank, world = _dist()
+        n = (-(-self.size // world)) if self.shuffle else len(self._indices())
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+
+@dataclass
+class SourceConfig:
+    """Where interactions (and item text) come from.
+
+    kind: ml100k (bundled default), atomic (RecBole atomic files `path/<name>.inter`), table
+    (CSV/TSV/Parquet at `path` with a column mapping; item text from `items_path`), synthetic.
+    """
+
+    kind: str = "ml100k"
+    path: str | None = None
+    name: str | None = None
+    columns: dict | None = None
+    items_path: str | None = None
+    item_column: str | None = None
+    sep: str | None = None
+    time_format: str | None = None
+    synthetic: dict | None = None
+
+
+class SeqDataModule(L.LightningDataModule):
+    """Reads, preprocesses (cached) and serves any dataset for every model."""
+
+    def __init__(
+        self,
+        source: dict | SourceConfig | None = None,
+        preprocess: dict | PreprocessConfig | None = None,
+        max_len: int = 50,
+        batch_size: int = 256,
+        eval_batch_size: int = 512,
+        train_stride: int | None = None,
+        train_windows: str = "all",
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        seed: int = 42,
+        cache: bool = True,
+    ):
+        super().__init__()
+        self.source = source if isinstance(source, SourceConfig) else SourceConfig(**(source or {}))
+        self.preprocess = preprocess if isinstance(preprocess, PreprocessConfig) else PreprocessConfig(**(preprocess or {}))
+        if max_len < 1 or batch_size < 1 or eval_batch_size < 1:
+            raise DataError(f"data.max_len/batch_size/eval_batch_size must be >= 1, got {max_len}/{batch_size}/{eval_batch_size}.")
+        self.max_len, self.batch_size, self.eval_batch_size = max_len, batch_size, eval_batch_size
+        self.train_stride, self.train_windows = train_stride, train_windows
+        self.num_workers, self.pin_memory, self.seed, self.use_cache = num_workers, pin_memory, seed, cache
+        self.data: SequenceData | None = None
+        self.items_frame = None  # raw item table (text fields), when the source has one
+        self._samplers: dict[str, ShardedBatchSampler] = {}
+
+    # ---------------------------------------------------------------- reading
+    def _read(self) -> tuple[Any, Any, str]:
+        from training.data import readers
+
+        s = self.source
+        if s.kind == "ml100k":
+            from training.data.movielens import ml100k_dir
+
+            atomic = readers.read_atomic(ml100k_dir() if s.path is None else s.path, s.name or "ml-100k", columns=s.columns)
+            return atomic.interactions, atomic.items, "ml-100k"
+        if s.kind == "atomic":
+            if not s.path or not s.name:
+                raise DataError("data.source.kind=atomic needs data.source.path (a directory) and data.source.name.")
+            atomic = readers.read_atomic(s.path, s.name, columns=s.columns)
+            return atomic.interactions, atomic.items, f"{s.path}/{s.name}"
+        if s.kind == "table":
+            if not s.path or not s.columns:
+                raise DataError("data.source.kind=table needs data.source.path and data.source.columns "
+                                "({user: ..., item: ..., time: ..., rating: optional}).")
+            inter = readers.read_table(s.path, s.columns, sep=s.sep, time_format=s.time_format)
+            items = None
+            if s.items_path:
+                items = readers.read_items_table(s.items_path, s.item_column or s.columns.get("item", "item"), sep=s.sep)
+            return inter, items, str(s.path)
+        if s.kind == "synthetic":
+            from training.data import synthetic
+
+            gen = synthetic.generate(**(s.synthetic or {}))
+            return gen.interactions, gen.items, "synthetic"
+        raise DataError(f"data.source.kind={s.kind!r}: use ml100k, atomic, table or synthetic.")
+
+    def _fingerprint(self) -> dict:
+        """Identity of the inputs without reading them: file paths with size and mtime."""
+        s = self.source
+        fp: dict = {"kind": s.kind, "columns": s.columns, "sep": s.sep, "time_format": s.time_format,
+                    "synthetic": s.synthetic, "name": s.name}
+        paths: list[Path] = []
+        if s.kind == "ml100k" and s.path is None:
+            fp["bundled"] = "recbole-1.2.1/ml-100k"
+        elif s.kind in ("atomic", "ml100k"):
+            paths = sorted(Path(s.path).glob(f"{s.name or 'ml-100k'}.*"))
+        elif s.kind == "table":
+            paths = [Path(s.path)]
+        fp["files"] = [(str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in paths if p.exists()]
+        return fp
+
+    def prepare(self) -> SequenceData:
+        """Load sequences from the cache, or read + preprocess + cache them."""
+        if self.data is not None:
+            return self.data
+        key = cache_key(self._fingerprint(), self.preprocess)
+        path = cache_dir("sequences") / f"{key}.npz"
+        if self.use_cache and path.exists():
+            self.data = SequenceData.load(path)
+            log.info("sequences loaded from cache %s", path)
+        else:
+            inter, _, name = self._read()
+            self.data = build_sequences(inter, self.preprocess, source=name)
+            if self.use_cache and _dist()[0] == 0:
+                self.data.save(path)
+        self.cache_path = path
+        return self.data
+
+    def load_items_frame(self):
+        """The raw item table (for text templates); read lazily because only text models need it."""
+        if self.items_frame is None:
+            _, self.items_frame, _ = self._read()
+        return self.items_frame
+
+    def setup(self, stage: str | None = None) -> None:
+        self.prepare()
+
+    # ---------------------------------------------------------------- info + loaders
+    @property
+    def info(self) -> DataInfo:
+        d = self.prepare()
+        return DataInfo(num_items=d.num_items, num_users=d.num_users, max_len=self.max_len,
+                        item_counts=torch.from_numpy(d.train_item_counts()))
+
+    def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, name: str) -> DataLoader:
+        sampler = ShardedBatchSampler(len(dataset), batch_size, shuffle=shuffle, seed=self.seed)
+        self._samplers[name] = sampler
+        return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers,
+                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader(TrainWindows(self.prepare(), self.max_len, self.train_stride, self.train_windows),
+                            self.batch_size, True, "train")
+
+    def val_dataloader(self) -> DataLoader:
+        d = self.prepare()
+        return self._loader(EvalQueries(d, d.valid, self.max_len), self.eval_batch_size, False, "val")
+
+    def test_dataloader(self) -> DataLoader:
+        d = self.prepare()
+        return self._loader(EvalQueries(d, d.test, self.max_len), self.eval_batch_size, False, "test")
+
+    def describe(self) -> str:
+        d = self.prepare()
+        s = d.stats
+        lines = [f"users {s['users']:,}  items {s['items']:,}  interactions {s['interactions']:,} "
+                 f"(raw {s['raw_interactions']:,})",
+                 f"train events {s['train_events']:,}  valid queries {s['valid_queries']:,}  "
+                 f"test queries {s['test_queries']:,}"]
+        dropped = {k: v for k, v in s.get("dropped", {}).items() if v}
+        if dropped:
+            lines.append("dropped rows: " + ", ".join(f"{k}={v:,}" for k, v in dropped.items()))
+        return "\n".join(lines)
+
+    # Mid-epoch resume: Lightning stores/restores this with the checkpoint.
+    def state_dict(self) -> dict:
+        return {"seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.seed = state.get("seed", self.seed)
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

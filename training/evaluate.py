@@ -1,0 +1,57 @@
+"""Re-evaluate a checkpoint (Lightning .ckpt, ZeRO directory or exported weights) with full ranking.
+
+    python -m training.evaluate ckpt=outputs/train/<run>/checkpoints/best.ckpt
+    python -m training.evaluate ckpt=... evaluation.filter_seen=true split=valid
+    python -m training.evaluate ckpt=... trainer.devices=2 trainer.accelerator=cpu   # exact in N processes
+
+The data config stored in the checkpoint is used unless `data=...` overrides it (the catalogue must match).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import hydra
+import lightning as L
+from omegaconf import DictConfig, OmegaConf
+
+from training.checkpoints import CheckpointError, load_checkpoint_dict, load_module
+from training.report import results_table, write_json_atomic
+from training.train import build_trainer
+
+
+def evaluate(cfg: DictConfig) -> dict:
+    if not cfg.get("ckpt"):
+        raise CheckpointError("pass ckpt=<path to a checkpoint file or ZeRO directory>.")
+    hp = load_checkpoint_dict(cfg.ckpt)["hyper_parameters"]
+    evaluation = {**hp.get("evaluation", {}), **OmegaConf.to_container(cfg.evaluation, resolve=True)}
+    module = load_module(cfg.ckpt, evaluation=evaluation)
+    data_cfg = OmegaConf.create(hp["data"]) if cfg.get("data") is None else cfg.data
+    L.seed_everything(cfg.seed, workers=True)
+    dm = hydra.utils.instantiate(data_cfg, _convert_="all")
+    dm.prepare()
+    if dm.info.num_items != module.hparams["info"]["num_items"]:
+        raise CheckpointError(f"checkpoint {cfg.ckpt} was trained on {module.hparams['info']['num_items']} items but "
+                              f"the data has {dm.info.num_items}: evaluate it on the dataset it was trained on.")
+    out = Path(cfg.paths.output_dir)
+    trainer = build_trainer(cfg, out)
+    if cfg.split == "valid":
+        res = trainer.validate(module, datamodule=dm, verbose=False)
+    else:
+        res = trainer.test(module, datamodule=dm, verbose=False)
+    results = {k: float(v) for k, v in (res[0] if res else {}).items()}
+    if trainer.is_global_zero:
+        write_json_atomic(out / "metrics.json", results)
+        print(results_table(results, "val" if cfg.split == "valid" else "test"))
+    return results
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    evaluate(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""What every sequence model offers the LightningModule, the evaluator and the server."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SequenceRecommender(nn.Module):
+    """forward -> per-position user states [B, L, D]; item_table -> [N+1, D]; score = dot products.
+
+    `query_times` [B, L]: when each prediction is requested (models with time-aware fusion use it);
+    `item_table`: a precomputed `item_table()` so a step computes item representations once.
+    """
+
+    num_items: int
+
+    def forward(self, items: torch.Tensor, times: torch.Tensor, users: torch.Tensor,
+                query_times: torch.Tensor | None = None, item_table: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def item_table(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def score(self, states: torch.Tensor, item_table: torch.Tensor | None = None) -> torch.Tensor:
+        table = self.item_table() if item_table is None else item_table
+        return states @ table.T
+
+    @property
+    def trainable(self) -> bool:
+        return any(p.requires_grad for p in self.parameters())

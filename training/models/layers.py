@@ -1,0 +1,104 @@
+"""Blocks shared by the models: causal self-attention, time-interval buckets, attention pooling, gate."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FeedForward(nn.Module):
+    def __init__(self, hidden: int, inner: int, dropout: float):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(hidden, inner), nn.GELU(), nn.Dropout(dropout), nn.Linear(inner, hidden))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CausalBlock(nn.Module):
+    """Pre-LayerNorm transformer block with causal, padding-aware attention (SDPA kernel)."""
+
+    def __init__(self, hidden: int, heads: int, inner: int, dropout: float, attn_dropout: float):
+        super().__init__()
+        if hidden % heads:
+            raise ValueError(f"model hidden={hidden} must be divisible by heads={heads}.")
+        self.heads, self.attn_dropout = heads, attn_dropout
+        self.norm1, self.norm2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
+        self.qkv = nn.Linear(hidden, 3 * hidden)
+        self.out = nn.Linear(hidden, hidden)
+        self.ff = FeedForward(hidden, inner, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
+                                           dropout_p=self.attn_dropout if self.training else 0.0)
+        x = x + self.drop(self.out(a.transpose(1, 2).reshape(b, n, d)))
+        return x + self.drop(self.ff(self.norm2(x)))
+
+
+def causal_padding_mask(items: torch.Tensor) -> torch.Tensor:
+    """Boolean [B, 1, L, L] mask: attend to earlier non-padding positions and always to oneself.
+
+    Allowing the diagonal keeps fully padded rows finite (their outputs are discarded anyway).
+    """
+    n = items.shape[1]
+    causal = torch.ones(n, n, dtype=torch.bool, device=items.device).tril()
+    keys = (items > 0).unsqueeze(1).unsqueeze(2)
+    eye = torch.eye(n, dtype=torch.bool, device=items.device)
+    return (causal & keys) | eye
+
+
+class CausalEncoder(nn.Module):
+    """Stack of causal blocks with a final LayerNorm; zeroes padding positions between blocks."""
+
+    def __init__(self, hidden: int, layers: int, heads: int, inner: int, dropout: float, attn_dropout: float):
+        super().__init__()
+        self.blocks = nn.ModuleList(CausalBlock(hidden, heads, inner, dropout, attn_dropout) for _ in range(layers))
+        self.norm = nn.LayerNorm(hidden)
+
+    def forward(self, x: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        mask = causal_padding_mask(items)
+        keep = (items > 0).unsqueeze(-1).to(x.dtype)
+        for block in self.blocks:
+            x = block(x, mask) * keep
+        return self.norm(x)
+
+
+class TimeIntervalEmbedding(nn.Module):
+    """Embeds log-bucketed gaps between consecutive events (seconds), 0 for padding/first events."""
+
+    def __init__(self, hidden: int, buckets: int = 32, base: float = 2.0):
+        super().__init__()
+        self.buckets, self.log_base = buckets, math.log(base)
+        self.emb = nn.Embedding(buckets + 1, hidden, padding_idx=0)
+
+    def bucketize(self, gaps: torch.Tensor) -> torch.Tensor:
+        g = gaps.clamp_min(0).to(torch.float32)
+        b = (torch.log1p(g) / self.log_base).floor().to(torch.int64) + 1
+        return b.clamp(1, self.buckets)
+
+    def forward(self, times: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        prev = torch.cat([times[:, :1], times[:, :-1]], dim=1)
+        has_prev = torch.cat([torch.zeros_like(items[:, :1], dtype=torch.bool), items[:, :-1] > 0], dim=1)
+        bucket = torch.where(has_prev & (items > 0), self.bucketize(times - prev), 0)
+        return self.emb(bucket)
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """Truncated-normal init for linear/embedding weights, as in BERT/SASRec implementations."""
+    for m in module.modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            nn.init.trunc_normal_(m.weight, std=std, a=-2 * std, b=2 * std)
+            if isinstance(m, nn.Linear) and m.bias is not None:
+                nn.init.zeros_(m.bias)
+            if isinstance(m, nn.Embedding) and m.padding_idx is not None:
+                with torch.no_grad():
+                    m.weight[m.padding_idx].zero_()
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

@@ -1,0 +1,269 @@
+"""LSTI: LLM-augmented long/short-term interest model.
+
+Item representation: an ID embedding fused with a language-model embedding of the item's text
+(`fusion`: id | text | id+text, combined by `sum` or a learned per-dimension `gate`). Text goes through
+UniSRec-style parametric whitening and an MLP or mixture-of-experts adapter. In `text` mode the item
+table is a function of text alone, so items never seen in training can still be recommended.
+
+User representation at every position t (causal):
+- long-term: causal self-attention over up to `long_len` events with learned positions and bucketed
+  log time-interval embeddings, plus an optional user-id embedding;
+- short-term: a GRU over the last `short_len` events (or only the current session: events after the
+  last gap longer than `session_gap` seconds), pooled by attention toward the latest state;
+- fusion: alpha = sigmoid(MLP([long, short, log1p(time since last event)])), user = alpha * long +
+  (1 - alpha) * short (as SLi-Rec), or a linear map of the concatenation.
+Scores are dot products with every item representation (full softmax).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from training.data.sequences import DataInfo
+from training.models.base import SequenceRecommender
+from training.models.gru4rec import left_to_right_padding, right_to_left_padding
+from training.models.layers import CausalEncoder, TimeIntervalEmbedding, init_weights
+
+
+@dataclass
+class LSTIConfig:
+    hidden: int = 64
+    # item side
+    fusion: str = "id+text"  # id | text | id+text
+    combine: str = "gate"  # sum | gate   (for id+text)
+    adapter: str = "moe"  # mlp | moe
+    experts: int = 4
+    adapter_dropout: float = 0.2
+    # long-term encoder
+    use_long: bool = True
+    long_len: int | None = None  # default: data.max_len
+    layers: int = 2
+    heads: int = 2
+    inner: int = 256
+    dropout: float = 0.5
+    attn_dropout: float = 0.5
+    time_buckets: int = 32
+    use_time: bool = True
+    user_embedding: bool = False
+    # short-term encoder
+    use_short: bool = True
+    short_len: int = 10
+    short_rnn: str = "gru"  # gru | lstm
+    session_gap: float | None = None  # seconds; None: the last short_len events regardless of gaps
+    # fusion of long and short
+    user_fusion: str = "gate"  # gate | concat
+    gate_hidden: int = 64
+
+    def __post_init__(self) -> None:
+        checks = {
+            "fusion": (self.fusion, ("id", "text", "id+text")),
+            "combine": (self.combine, ("sum", "gate")),
+            "adapter": (self.adapter, ("mlp", "moe")),
+            "short_rnn": (self.short_rnn, ("gru", "lstm")),
+            "user_fusion": (self.user_fusion, ("gate", "concat")),
+        }
+        for name, (value, allowed) in checks.items():
+            if value not in allowed:
+                raise ValueError(f"model.{name}={value!r}: use one of {', '.join(allowed)}.")
+        if not (self.use_long or self.use_short):
+            raise ValueError("model.use_long and model.use_short are both false: enable at least one encoder.")
+        if self.short_len < 1:
+            raise ValueError(f"model.short_len={self.short_len} must be >= 1.")
+
+    @property
+    def needs_text(self) -> bool:
+        return self.fusion in ("text", "id+text")
+
+    def build(self, info: DataInfo) -> LSTI:
+        if self.needs_text and info.item_text is None:
+            raise ValueError(f"model.fusion={self.fusion!r} needs item-text embeddings: set text.enabled=true "
+                             "(conf/model/lsti.yaml does) or use model.fusion=id.")
+        return LSTI(self, info)
+
+
+class Whitening(nn.Module):
+    """Parametric whitening (UniSRec): (x - b) W, learned, to make frozen LM embeddings isotropic."""
+
+    def __init__(self, dim_in: int, dim_out: int, dropout: float):
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(dim_in))
+        self.lin = nn.Linear(dim_in, dim_out, bias=False)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(self.drop(x - self.bias))
+
+
+class TextAdapter(nn.Module):
+    """Maps frozen text embeddings to the model space: whitening + MLP, or a mixture of whitening experts."""
+
+    def __init__(self, dim_in: int, dim_out: int, kind: str, experts: int, dropout: float):
+        super().__init__()
+        self.kind = kind
+        if kind == "moe":
+            self.experts = nn.ModuleList(Whitening(dim_in, dim_out, dropout) for _ in range(experts))
+            self.router = nn.Linear(dim_in, experts)
+        else:
+            self.whiten = Whitening(dim_in, dim_out, dropout)
+            self.mlp = nn.Sequential(nn.GELU(), nn.Linear(dim_out, dim_out))
+        self.norm = nn.LayerNorm(dim_out)
+
+    def forward(self, text: torch.Tensor) -> torch.Tensor:
+        if self.kind == "moe":
+            weights = torch.softmax(self.router(text), dim=-1).unsqueeze(-1)  # [N, E, 1]
+            out = (torch.stack([e(text) for e in self.experts], dim=-2) * weights).sum(-2)
+        else:
+            h = self.whiten(text)
+            out = h + self.mlp(h)
+        return self.norm(out)
+
+
+class AttentionPool(nn.Module):
+    """Pools a window of states toward its latest one (query = latest, keys/values = window)."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.query = nn.Linear(hidden, hidden)
+        self.out = nn.Linear(2 * hidden, hidden)
+
+    def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        latest = states[:, -1]
+        logits = (states @ self.query(latest).unsqueeze(-1)).squeeze(-1) / math.sqrt(states.shape[-1])
+        weights = torch.softmax(logits.masked_fill(~mask, float("-inf")), dim=-1).nan_to_num(0.0)
+        pooled = (weights.unsqueeze(-1) * states).sum(1)
+        return self.out(torch.cat([pooled, latest], dim=-1))
+
+
+class LSTI(SequenceRecommender):
+    def __init__(self, cfg: LSTIConfig, info: DataInfo):
+        super().__init__()
+        self.cfg, self.num_items = cfg, info.num_items
+        self.long_len = cfg.long_len or info.max_len
+        d = cfg.hidden
+        if cfg.fusion in ("id", "id+text"):
+            self.item_emb = nn.Embedding(info.num_items + 1, d, padding_idx=0)
+        if cfg.needs_text:
+            self.register_buffer("item_text", info.item_text.to(torch.float32).clone(), persistent=True)
+            self.adapter = TextAdapter(info.item_text.shape[1], d, cfg.adapter, cfg.experts, cfg.adapter_dropout)
+            if cfg.fusion == "id+text" and cfg.combine == "gate":
+                self.item_gate = nn.Linear(2 * d, d)
+        self.drop = nn.Dropout(cfg.dropout)
+        if cfg.use_long:
+            self.pos_emb = nn.Embedding(self.long_len, d)
+            self.time_emb = TimeIntervalEmbedding(d, cfg.time_buckets) if cfg.use_time else None
+            self.long_encoder = CausalEncoder(d, cfg.layers, cfg.heads, cfg.inner, cfg.dropout, cfg.attn_dropout)
+            self.user_emb = nn.Embedding(info.num_users, d) if cfg.user_embedding else None
+        if cfg.use_short:
+            rnn = nn.GRU if cfg.short_rnn == "gru" else nn.LSTM
+            self.short_rnn = rnn(d, d, batch_first=True)
+            self.short_pool = AttentionPool(d)
+        if cfg.use_long and cfg.use_short:
+            if cfg.user_fusion == "gate":
+                self.gate = nn.Sequential(nn.Linear(2 * d + 1, cfg.gate_hidden), nn.GELU(), nn.Linear(cfg.gate_hidden, 1))
+            else:
+                self.concat = nn.Linear(2 * d, d)
+        self.out_norm = nn.LayerNorm(d)
+        init_weights(self)
+        self.last_gate: torch.Tensor | None = None  # alpha of the last forward, for analysis
+
+    # ------------------------------------------------------------------ items
+    def text_table(self, text: torch.Tensor | None = None) -> torch.Tensor:
+        return self.adapter(self.item_text if text is None else text)
+
+    def item_table(self, text: torch.Tensor | None = None) -> torch.Tensor:
+        """Representations of all items [N+1, D]; `text` replaces the cached LM embeddings (LoRA mode)."""
+        cfg = self.cfg
+        if cfg.fusion == "id":
+            table = self.item_emb.weight
+        elif cfg.fusion == "text":
+            table = self.text_table(text)
+        else:
+            ids, txt = self.item_emb.weight, self.text_table(text)
+            if cfg.combine == "sum":
+                table = ids + txt
+            else:
+                g = torch.sigmoid(self.item_gate(torch.cat([ids, txt], dim=-1)))
+                table = g * ids + (1 - g) * txt
+        pad = torch.zeros_like(table[:1])
+        return torch.cat([pad, table[1:]], dim=0)
+
+    # ------------------------------------------------------------------ users
+    def _long(self, x: torch.Tensor, items: torch.Tensor, times: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
+        n = items.shape[1]
+        pos = torch.arange(self.long_len - n, self.long_len, device=items.device)
+        h = x * math.sqrt(self.cfg.hidden) + self.pos_emb(pos)
+        if self.time_emb is not None:
+            h = h + self.time_emb(times, items)
+        h = self.drop(h) * (items > 0).unsqueeze(-1)
+        out = self.long_encoder(h, items)
+        if self.user_emb is not None:
+            out = out + self.user_emb(users.clamp(0, self.user_emb.num_embeddings - 1)).unsqueeze(1)
+        return out
+
+    def _short_windows(self, items: torch.Tensor, times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For every position, the indices of the last k events up to it and their validity mask."""
+        b, n = items.shape
+        k = self.cfg.short_len
+        idx = torch.arange(n, device=items.device).unsqueeze(1) - (k - 1) + torch.arange(k, device=items.device)
+        inside = idx >= 0  # [n, k]
+        idx = idx.clamp_min(0)
+        win_items = items[:, idx] * inside  # [B, n, k]
+        valid = win_items > 0
+        if self.cfg.session_gap is not None:
+            win_times = times[:, idx]
+            gap = win_times[..., 1:] - win_times[..., :-1]
+            breaks = torch.cat([torch.zeros_like(gap[..., :1], dtype=torch.bool),
+                                (gap > self.cfg.session_gap) & valid[..., 1:] & valid[..., :-1]], dim=-1)
+            # keep events after the latest break (reverse cumulative "any break later or here")
+            later_break = torch.flip(torch.cumsum(torch.flip(breaks.long(), [-1]), -1), [-1]) - breaks.long()
+            valid = valid & (later_break == 0)
+        return idx, valid
+
+    def _short(self, x: torch.Tensor, items: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        k = self.cfg.short_len
+        idx, valid = self._short_windows(items, times)
+        windows = x[:, idx].reshape(b * n, k, d)
+        valid = valid.reshape(b * n, k)
+        lengths = valid.sum(1)
+        # Session masking can leave holes at the front of a window only, so windows stay left padded.
+        windows = windows * valid.unsqueeze(-1)
+        rolled = left_to_right_padding(windows, lengths)
+        packed = nn.utils.rnn.pack_padded_sequence(rolled, lengths.clamp_min(1).cpu(), batch_first=True,
+                                                   enforce_sorted=False)
+        out, _ = self.short_rnn(packed)
+        out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=k)
+        out = right_to_left_padding(out, lengths)
+        pooled = self.short_pool(out, valid)
+        return pooled.reshape(b, n, d)
+
+    def forward(self, items: torch.Tensor, times: torch.Tensor, users: torch.Tensor,
+                query_times: torch.Tensor | None = None, item_table: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-position user states [B, L, D]. `query_times[b, t]` is when the prediction after event t
+        is requested (the next event's time in training; "now" when serving); it feeds the gate."""
+        items, times = items[:, -self.long_len:], times[:, -self.long_len:]
+        table = self.item_table() if item_table is None else item_table
+        x = F.embedding(items, table)
+        cfg = self.cfg
+        long = self._long(x, items, times, users) if cfg.use_long else None
+        short = self._short(x, items, times) if cfg.use_short else None
+        if long is None:
+            user = short
+        elif short is None:
+            user = long
+        elif cfg.user_fusion == "concat":
+            user = self.concat(torch.cat([long, short], dim=-1))
+        else:
+            if query_times is None:
+                elapsed = torch.zeros_like(times, dtype=x.dtype)
+            else:
+                elapsed = torch.log1p((query_times[:, -items.shape[1]:] - times).clamp_min(0).to(x.dtype)) / 10
+            alpha = torch.sigmoid(self.gate(torch.cat([long, short, elapsed.unsqueeze(-1)], dim=-1)))
+            self.last_gate = alpha.detach()
+            user = alpha * long + (1 - alpha) * short
+        return self.out_norm(user)

@@ -1,0 +1,229 @@
+"""The one LightningModule: every model trains, validates and tests through it.
+
+It owns the loss, the optimiser (AdamW), the warm-up + cosine schedule, logging and full-ranking
+evaluation. Models stay plain `nn.Module`s (built from their dataclass config), so the federated client
+and the serving path use exactly the same weights without Lightning.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from training import metrics as M
+from training.data.sequences import DataInfo
+from training.losses import LossConfig, negative_distribution, recommendation_loss
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    betas: tuple = (0.9, 0.98)
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    scheduler: str = "cosine"  # cosine | constant
+    min_lr_ratio: float = 0.1
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ValueError(f"optim.lr={self.lr} must be > 0.")
+        if self.scheduler not in ("cosine", "constant"):
+            raise ValueError(f"optim.scheduler={self.scheduler!r}: use cosine or constant.")
+
+
+@dataclass
+class EvalConfig:
+    ks: list = field(default_factory=lambda: [5, 10, 20])
+    filter_seen: bool = False
+    length_bins: list = field(default_factory=lambda: [5, 20])
+    head_fraction: float = 0.2
+    sampled_negatives: int = 0  # > 0 adds the clearly labelled sampled-negative metrics
+    sampled_sampler: str = "uniform"
+    item_chunk_size: int | None = None  # score items in chunks for huge catalogues
+
+
+def _plain(cfg) -> dict:
+    if cfg is None:
+        return {}
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)
+    if hasattr(cfg, "__dataclass_fields__"):
+        return asdict(cfg)
+    return dict(cfg)
+
+
+def build_model(model_cfg: dict, info: DataInfo) -> torch.nn.Module:
+    """Instantiate the model's dataclass config (Hydra `_target_`) and build the module.
+
+    The `text` node (which language model encodes item text) is consumed by the data side, not the model.
+    """
+    cfg = {k: v for k, v in model_cfg.items() if k != "text"}
+    return instantiate(OmegaConf.create(cfg), _convert_="all").build(info)
+
+
+class LitRecommender(L.LightningModule):
+    def __init__(
+        self,
+        model: dict,
+        info: dict,
+        optim: dict | None = None,
+        loss: dict | None = None,
+        evaluation: dict | None = None,
+        item_tensors: dict | None = None,
+        data: dict | None = None,
+    ):
+        """`data` is the data config the model was trained on, kept so a checkpoint can be re-evaluated."""
+        super().__init__()
+        model, optim, loss, evaluation = _plain(model), _plain(optim), _plain(loss), _plain(evaluation)
+        self.save_hyperparameters({"model": model, "info": info, "optim": optim, "loss": loss,
+                                   "evaluation": evaluation, "data": _plain(data)})
+        tensors = item_tensors or {}
+        n = info["num_items"] + 1
+        counts = tensors.get("item_counts")
+        text = tensors.get("item_text")
+        if text is None and info.get("text_dim"):
+            text = torch.zeros(n, info["text_dim"])  # placeholder; the checkpoint's buffer replaces it
+        data_info = DataInfo(num_items=info["num_items"], num_users=info["num_users"], max_len=info["max_len"],
+                             item_counts=counts if counts is not None else torch.zeros(n, dtype=torch.int64),
+                             item_text=text, text_dim=info.get("text_dim", 0))
+        self.model = build_model(model, data_info)
+        self.optim_cfg, self.loss_cfg, self.eval_cfg = OptimConfig(**optim), LossConfig(**loss), EvalConfig(**evaluation)
+        self.register_buffer("item_counts", data_info.item_counts.to(torch.int64).clone(), persistent=True)
+        self.register_buffer("neg_probs", negative_distribution(self.loss_cfg, data_info.item_counts, info["num_items"]),
+                             persistent=False)
+        self._eval_outputs: list[dict] = []
+        self._eval_table: torch.Tensor | None = None
+        self._t_last = None
+
+    # ------------------------------------------------------------------ training
+    def forward(self, items, times, users):
+        return self.model(items, times, users)
+
+    def training_step(self, batch: dict, batch_idx: int):
+        item_table = self.model.item_table()
+        states = self.model(batch["items"], batch["times"], batch["users"], query_times=batch["target_times"],
+                            item_table=item_table)
+        has_target = batch["targets"] > 0
+        loss = recommendation_loss(states[has_target], batch["targets"][has_target], item_table, self.loss_cfg,
+                                   self.neg_probs)
+        n_seq = batch["items"].shape[0]
+        self.log("train/loss", loss, prog_bar=True, batch_size=n_seq)
+        now = time.perf_counter()
+        if self._t_last is not None:
+            dt = max(now - self._t_last, 1e-9)
+            self.log("train/seq_per_s", n_seq / dt, batch_size=n_seq)
+            self.log("train/items_per_s", has_target.sum().float() / dt, batch_size=n_seq)
+        self._t_last = now
+        return loss
+
+    def on_train_epoch_start(self) -> None:
+        self._t_last = None
+
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
+        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total)
+
+        def factor(step: int) -> float:
+            if warmup and step < warmup:
+                return (step + 1) / warmup
+            if cfg.scheduler == "constant":
+                return 1.0
+            progress = min((step - warmup) / max(total - warmup, 1), 1.0)
+            return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    # ------------------------------------------------------------------ evaluation
+    def _eval_start(self) -> None:
+        self._eval_outputs = []
+        with torch.no_grad():
+            self._eval_table = self.model.item_table().detach()
+
+    def _eval_step(self, batch: dict) -> None:
+        query_times = torch.cat([batch["times"][:, 1:], batch["target_time"].unsqueeze(1)], dim=1)
+        states = self.model(batch["items"], batch["times"], batch["users"], query_times=query_times,
+                            item_table=self._eval_table)[:, -1]
+        exclude = None
+        if self.eval_cfg.filter_seen:
+            exclude = M.seen_mask_from_csr(batch["seen_offsets"], batch["seen_items"], self._eval_table.shape[0])
+        scores = self.model.score(states, self._eval_table).float()
+        ranks = M.target_ranks(scores, batch["target"], exclude)
+        out = {"rank": ranks, "query": batch["query"], "train_len": batch["train_len"], "target": batch["target"]}
+        if self.eval_cfg.sampled_negatives > 0:
+            g = torch.Generator(device="cpu").manual_seed(int(batch["query"][0]))
+            out["sampled_rank"] = M.sampled_ranks_from_scores(
+                scores, batch["target"], self.eval_cfg.sampled_negatives, self.eval_cfg.sampled_sampler,
+                self.item_counts, g)
+        self._eval_outputs.append(out)
+
+    def _gather(self) -> dict[str, torch.Tensor]:
+        """Concatenate this rank's outputs and gather every rank's, unpadded, in query order."""
+        keys = ["rank", "query", "train_len", "target"] + (["sampled_rank"] if self.eval_cfg.sampled_negatives else [])
+        local = {k: torch.cat([o[k] for o in self._eval_outputs]) if self._eval_outputs
+                 else torch.zeros(0, dtype=torch.int64, device=self.device) for k in keys}
+        if self.trainer.world_size > 1:
+            n = torch.tensor([local["rank"].shape[0]], device=self.device)
+            sizes = self.all_gather(n).flatten()
+            top = int(sizes.max())
+            gathered = {}
+            for k, v in local.items():
+                padded = torch.zeros(top, dtype=v.dtype, device=self.device)
+                padded[: v.shape[0]] = v
+                allv = self.all_gather(padded)  # [world, top]
+                gathered[k] = torch.cat([allv[r, : int(sizes[r])] for r in range(allv.shape[0])])
+            local = gathered
+        order = torch.argsort(local["query"])
+        return {k: v[order].cpu() for k, v in local.items()}
+
+    def _eval_end(self, prefix: str) -> dict[str, float]:
+        g = self._gather()
+        per_query = M.rank_metrics(g["rank"], tuple(self.eval_cfg.ks))
+        results = M.summarise(per_query)
+        slices = {**M.user_length_slices(g["train_len"], tuple(self.eval_cfg.length_bins)),
+                  **M.item_popularity_slices(g["target"], self.item_counts.cpu(), self.eval_cfg.head_fraction)}
+        results.update(M.sliced_summary(per_query, slices))
+        if "sampled_rank" in g:
+            tag = f"sampled_{self.eval_cfg.sampled_sampler}{self.eval_cfg.sampled_negatives}"
+            results.update({f"{tag}/{k}": v for k, v in M.summarise(M.rank_metrics(g["sampled_rank"],
+                                                                                   tuple(self.eval_cfg.ks))).items()})
+        results["num_queries"] = float(g["rank"].shape[0])
+        results = {f"{prefix}/{k}": float(v) for k, v in results.items()}
+        for k, v in results.items():
+            self.log(k, v, prog_bar=k == f"{prefix}/ndcg@10", sync_dist=False, rank_zero_only=False)
+        self._eval_outputs, self._eval_table = [], None
+        self.last_eval = results
+        return results
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_start()
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_validation_epoch_end(self) -> None:
+        self._eval_end("val")
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_start()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch)
+
+    def on_test_epoch_end(self) -> None:
+        self._eval_end("test")

@@ -1,0 +1,116 @@
+"""Train a sequential recommender, test it at the best validation checkpoint, write metrics.json.
+
+    python -m training.train                               # SASRec on MovieLens-100k
+    python -m training.train model=gru4rec trainer.max_epochs=50
+    python -m training.train experiment=ml100k_lsti        # the full long/short-term model
+    python -m training.train -m model=sasrec,gru4rec        # a multirun
+
+Returns the best validation metric (`callbacks.checkpoint.monitor`), which sweeps optimise.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from training.module import LitRecommender
+from training.report import results_table, write_json_atomic
+from training.strategies import build_strategy, default_precision
+
+log = logging.getLogger("training.train")
+
+
+def build_datamodule(cfg: DictConfig):
+    dm = instantiate(cfg.data, _convert_="all")
+    dm.prepare()
+    return dm
+
+
+def item_tensors(cfg: DictConfig, dm) -> tuple[dict, dict]:
+    """Item-side tensors the model needs (popularity, text embeddings) and the info scalars."""
+    info = dm.info
+    tensors = {"item_counts": info.item_counts}
+    text_cfg = cfg.model.get("text")
+    model_cfg = instantiate({k: v for k, v in cfg.model.items() if k != "text"}, _convert_="all")
+    if text_cfg is not None and getattr(model_cfg, "needs_text", False):
+        from training.text import item_text_embeddings
+
+        tensors["item_text"] = item_text_embeddings(
+            dm.load_items_frame(), list(dm.prepare().item_ids), text_cfg.template, model_path=text_cfg.get("path"),
+            pooling=text_cfg.get("pooling", "mean"), max_length=text_cfg.get("max_length", 64),
+            batch_size=text_cfg.get("batch_size", 64))
+        info.text_dim = int(tensors["item_text"].shape[1])
+    return tensors, info.scalars()
+
+
+def build_trainer(cfg: DictConfig, output_dir: Path, callbacks: list | None = None) -> L.Trainer:
+    trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
+    if trainer_cfg.get("precision") in (None, "auto"):
+        trainer_cfg["precision"] = default_precision(trainer_cfg.get("accelerator", "auto"))
+    loggers = [instantiate(c, save_dir=str(output_dir)) for c in (cfg.get("logger") or {}).values() if c]
+    return instantiate(trainer_cfg, strategy=build_strategy(cfg.get("strategy")), callbacks=callbacks or [],
+                       logger=loggers or False, default_root_dir=str(output_dir))
+
+
+def train(cfg: DictConfig) -> tuple[dict, float]:
+    """Fit + test; returns (all metrics, the optimised validation metric)."""
+    output_dir = Path(cfg.paths.output_dir)
+    L.seed_everything(cfg.seed, workers=True)
+    dm = build_datamodule(cfg)
+    log.info("data:\n%s", dm.describe())
+    tensors, info = item_tensors(cfg, dm)
+    lit = LitRecommender(model=cfg.model, info=info, optim=cfg.optim, loss=cfg.loss, evaluation=cfg.evaluation,
+                         item_tensors=tensors, data=cfg.data)
+    log.info("model: %s, %s trainable parameters", type(lit.model).__name__,
+             f"{sum(p.numel() for p in lit.model.parameters() if p.requires_grad):,}")
+    monitor = cfg.callbacks.checkpoint.monitor
+    checkpoint = ModelCheckpoint(dirpath=str(output_dir / "checkpoints"), filename="best", monitor=monitor,
+                                 mode="max", save_last=cfg.callbacks.checkpoint.save_last, save_top_k=1,
+                                 auto_insert_metric_name=False)
+    callbacks = [checkpoint, LearningRateMonitor(logging_interval="step")]
+    if cfg.callbacks.early_stopping.patience:
+        callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=cfg.callbacks.early_stopping.patience))
+    trainer = build_trainer(cfg, output_dir, callbacks)
+
+    best_path = None
+    if lit.model.trainable:
+        trainer.fit(lit, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+        best_path = checkpoint.best_model_path or None
+    results: dict = {}
+    results.update(_first(trainer.validate(lit, datamodule=dm, ckpt_path=best_path, verbose=False)))
+    if cfg.get("test", True):
+        results.update(_first(trainer.test(lit, datamodule=dm, ckpt_path=best_path, verbose=False)))
+    results = {k: float(v) for k, v in results.items() if k.startswith(("val/", "test/"))}
+    results["epochs"] = float(trainer.current_epoch)
+    if trainer.is_global_zero:
+        write_json_atomic(output_dir / "metrics.json", results)
+        table = results_table(results, "test")
+        (output_dir / "results.md").write_text(table + "\n")
+        print(f"\n{table}\n\nbest checkpoint: {best_path}\nrun directory: {output_dir}")
+    value = results.get(monitor, float("nan"))
+    return results, value if math.isfinite(value) else float("nan")
+
+
+def _first(out: list) -> dict:
+    return dict(out[0]) if out else {}
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="train")
+def main(cfg: DictConfig) -> float:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    torch.set_float32_matmul_precision("high")
+    _, value = train(cfg)
+    return value
+
+
+if __name__ == "__main__":
+    main()
