@@ -323,3 +323,17 @@ def test_sliced_summary_keys_and_values():
     assert out["a/count"] == 2.0 and out["a/hr@10"] == 0.5 and out["a/mrr@10"] == 0.5
     assert out["empty/count"] == 0.0 and "empty/hr@10" not in out
     assert set(out) == {"a/count", "empty/count"} | {f"a/{m}@10" for m in M.METRIC_NAMES}
+
+
+def test_query_uniforms_do_not_depend_on_batching():
+    from training.metrics import query_uniforms, sample_negatives
+
+    q = torch.arange(50)
+    whole = query_uniforms(q, 7, seed=3)
+    parts = torch.cat([query_uniforms(q[:17], 7, seed=3), query_uniforms(q[17:], 7, seed=3)])
+    assert torch.equal(whole, parts) and whole.min() >= 0 and whole.max() < 1
+    assert abs(whole.mean().item() - 0.5) < 0.05
+    targets = torch.randint(1, 11, (50,), generator=torch.Generator().manual_seed(0))
+    for sampler in ("uniform", "popularity"):
+        neg = sample_negatives(targets, 7, sampler, torch.arange(11), uniforms=whole)
+        assert (neg != targets.unsqueeze(1)).all() and neg.min() >= 1 and neg.max() <= 10

@@ -121,3 +121,19 @@ def test_train_sharding_equal_length_and_seeded(monkeypatch):
         b = torch.cat(list(ShardedBatchSampler(101, 10, shuffle=True, seed=3)))
         assert torch.equal(a, b)
     assert lens[0] == lens[1]
+
+
+def test_cold_items_never_appear_in_training_or_histories(interactions):
+    d = build_sequences(interactions, PreprocessConfig(cold_item_fraction=0.2, cold_item_seed=1))
+    counts = d.train_item_counts()
+    test_targets = d.items[d.offsets[d.test.user] + d.test.pos]
+    cold = np.flatnonzero(counts == 0)[1:]  # item 0 is padding
+    assert d.stats["cold_items"] == 8 and len(cold) >= 1
+    # every event of a cold item is some user's test target; nothing else
+    cold_events = np.isin(d.items, cold)
+    last = np.zeros_like(cold_events)
+    last[d.offsets[1:] - 1] = True
+    assert np.all(~cold_events | last)
+    assert np.isin(test_targets, cold).any()
+    with pytest.raises(DataError, match="cold_item_fraction"):
+        PreprocessConfig(cold_item_fraction=0.1, split="temporal")

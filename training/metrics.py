@@ -241,10 +241,27 @@ def topk_items(scores: Tensor, k: int, exclude: Tensor | None = None,
 
 
 # ---------------------------------------------------------------------------------------------- sampled mode
+def query_uniforms(query: Tensor, n: int, seed: int = 0) -> Tensor:
+    """[Q, n] float64 uniforms in [0, 1) that depend only on (query index, column, seed).
+
+    A counter-based hash (splitmix64 finaliser), so sampled metrics do not depend on how queries are
+    batched or split across processes: N processes draw exactly the negatives 1 process draws.
+    """
+    mask = (1 << 63) - 1
+    x = (query.to(torch.int64).unsqueeze(1) * n + torch.arange(n, device=query.device)) & mask
+    x = (x + (seed * 0x9E3779B97F4A7C15 & mask) + 1) & mask
+    for shift, mult in ((30, 0xBF58476D1CE4E5B9), (27, 0x94D049BB133111EB)):
+        x = ((x ^ (x >> shift)) * (mult & mask)) & mask
+    x = x ^ (x >> 31)
+    return (x >> 11).to(torch.float64) / float(1 << 52)
+
+
 def sample_negatives(targets: Tensor, num_negatives: int, sampler: str = "uniform", item_counts: Tensor | None = None,
-                     generator: torch.Generator | None = None, num_items: int | None = None) -> Tensor:
+                     generator: torch.Generator | None = None, num_items: int | None = None,
+                     uniforms: Tensor | None = None) -> Tensor:
     """[Q, num_negatives] negative item ids for the *sampled* metrics; never padding, never the target.
 
+    `uniforms` ([Q, n] in [0, 1), e.g. from `query_uniforms`) replaces the generator's draws.
     Sampled with replacement (a negative may repeat within a row; each copy counts), which keeps sampling
     O(Q * n) and exactly distributed: uniform over the other N-1 items, or for ``popularity`` proportional to
     `item_counts` restricted to the other items (inverse CDF with the target's mass cut out, no rejection
@@ -263,7 +280,10 @@ def sample_negatives(targets: Tensor, num_negatives: int, sampler: str = "unifor
     if sampler == "uniform":
         if num_items < 2:
             raise ValueError("uniform negative sampling needs at least 2 items.")
-        draw = torch.randint(1, num_items, (q, num_negatives), generator=generator, device=dev)  # 1..N-1
+        if uniforms is not None:
+            draw = (uniforms.to(dev) * (num_items - 1)).to(torch.int64).clamp_(0, num_items - 2) + 1
+        else:
+            draw = torch.randint(1, num_items, (q, num_negatives), generator=generator, device=dev)  # 1..N-1
         return draw + (draw >= t).to(torch.int64)  # skip over the target: uniform on {1..N} \ {t}
     if sampler == "popularity":
         if item_counts is None:
@@ -277,7 +297,9 @@ def sample_negatives(targets: Tensor, num_negatives: int, sampler: str = "unifor
         mass = cdf[-1] - c_t
         if bool((mass <= 0).any()):
             raise ValueError("popularity sampling: some target is the only item with a nonzero count.")
-        u = torch.rand(q, num_negatives, generator=generator, device=dev, dtype=torch.float64) * mass
+        if uniforms is None:
+            uniforms = torch.rand(q, num_negatives, generator=generator, device=dev, dtype=torch.float64)
+        u = uniforms.to(device=dev, dtype=torch.float64) * mass
         u = torch.minimum(u, torch.nextafter(mass, torch.zeros_like(mass)))  # rand*mass may round up to mass
         before = cdf[t - 1]  # mass of items < t
         u = torch.where(u >= before, u + c_t, u)  # jump over the target's interval

@@ -166,10 +166,10 @@ class LitRecommender(L.LightningModule):
         ranks = M.target_ranks(scores, batch["target"], exclude)
         out = {"rank": ranks, "query": batch["query"], "train_len": batch["train_len"], "target": batch["target"]}
         if self.eval_cfg.sampled_negatives > 0:
-            g = torch.Generator(device="cpu").manual_seed(int(batch["query"][0]))
-            out["sampled_rank"] = M.sampled_ranks_from_scores(
-                scores, batch["target"], self.eval_cfg.sampled_negatives, self.eval_cfg.sampled_sampler,
-                self.item_counts, g)
+            n = self.eval_cfg.sampled_negatives
+            negatives = M.sample_negatives(batch["target"], n, self.eval_cfg.sampled_sampler, self.item_counts,
+                                           uniforms=M.query_uniforms(batch["query"], n))
+            out["sampled_rank"] = M.sampled_ranks_from_scores(scores, batch["target"], n, negatives=negatives)
         self._eval_outputs.append(out)
 
     def _gather(self) -> dict[str, torch.Tensor]:
@@ -177,7 +177,7 @@ class LitRecommender(L.LightningModule):
         keys = ["rank", "query", "train_len", "target"] + (["sampled_rank"] if self.eval_cfg.sampled_negatives else [])
         local = {k: torch.cat([o[k] for o in self._eval_outputs]) if self._eval_outputs
                  else torch.zeros(0, dtype=torch.int64, device=self.device) for k in keys}
-        if self.trainer.world_size > 1:
+        if self._trainer is not None and self.trainer.world_size > 1:  # None: driven without a Trainer
             n = torch.tensor([local["rank"].shape[0]], device=self.device)
             sizes = self.all_gather(n).flatten()
             top = int(sizes.max())
@@ -197,6 +197,9 @@ class LitRecommender(L.LightningModule):
         results = M.summarise(per_query)
         slices = {**M.user_length_slices(g["train_len"], tuple(self.eval_cfg.length_bins)),
                   **M.item_popularity_slices(g["target"], self.item_counts.cpu(), self.eval_cfg.head_fraction)}
+        unseen = self.item_counts.cpu()[g["target"]] == 0  # targets never seen in training (cold items)
+        if bool(unseen.any()):
+            slices["items_unseen"] = unseen
         results.update(M.sliced_summary(per_query, slices))
         if "sampled_rank" in g:
             tag = f"sampled_{self.eval_cfg.sampled_sampler}{self.eval_cfg.sampled_negatives}"

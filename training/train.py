@@ -25,6 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from training.module import LitRecommender
 from training.report import results_table, write_json_atomic
 from training.strategies import build_strategy, default_precision
+from training.sweep_report import NonFiniteMetric, free_memory, record_failure, swallow_failures
 
 log = logging.getLogger("training.train")
 
@@ -76,7 +77,7 @@ def train(cfg: DictConfig) -> tuple[dict, float]:
     checkpoint = ModelCheckpoint(dirpath=str(output_dir / "checkpoints"), filename="best", monitor=monitor,
                                  mode="max", save_last=cfg.callbacks.checkpoint.save_last, save_top_k=1,
                                  auto_insert_metric_name=False)
-    callbacks = [checkpoint, LearningRateMonitor(logging_interval="step")]
+    callbacks = [checkpoint] + ([LearningRateMonitor(logging_interval="step")] if cfg.get("logger") else [])
     if cfg.callbacks.early_stopping.patience:
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=cfg.callbacks.early_stopping.patience))
     trainer = build_trainer(cfg, output_dir, callbacks)
@@ -105,10 +106,26 @@ def _first(out: list) -> dict:
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
-def main(cfg: DictConfig) -> float:
+def main(cfg: DictConfig) -> float | None:
+    """A failing run (exception, out of memory, NaN metric) writes `failed.json` in its run directory. In a
+    single-process multirun trial it then returns None, which the Optuna sweeper records as a FAILED trial
+    while the sweep goes on (NaN would crash hydra-optuna-sweeper 1.3, see docs/sweeps.md); otherwise the
+    exception propagates (a single run exits non-zero; a distributed trial must not leave peers hanging)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     torch.set_float32_matmul_precision("high")
-    _, value = train(cfg)
+    try:
+        _, value = train(cfg)
+        if math.isnan(value):
+            record_failure(cfg.paths.output_dir, NonFiniteMetric(f"{cfg.callbacks.checkpoint.monitor} is NaN"))
+    except Exception as err:
+        record_failure(cfg.paths.output_dir, err)
+        if not swallow_failures():
+            raise
+        log.error("trial failed, recorded in %s/failed.json: %s: %s", cfg.paths.output_dir, type(err).__name__, err)
+        value = float("nan")
+    if math.isnan(value):
+        free_memory()
+        return None if swallow_failures() else value
     return value
 
 

@@ -38,12 +38,18 @@ class PreprocessConfig:
     split: str = "loo"
     valid_fraction: float = 0.1
     test_fraction: float = 0.1
+    cold_item_fraction: float = 0.0  # hold this share of items out of training entirely (cold-start study)
+    cold_item_seed: int = 0
 
     def __post_init__(self) -> None:
         if self.split not in ("loo", "temporal"):
             raise DataError(f"data.preprocess.split={self.split!r}: use 'loo' or 'temporal'.")
         if self.k_core < 0:
             raise DataError(f"data.preprocess.k_core={self.k_core}: must be >= 0 (0 disables the filter).")
+        if not 0 <= self.cold_item_fraction < 1:
+            raise DataError(f"data.preprocess.cold_item_fraction={self.cold_item_fraction} must be in [0, 1).")
+        if self.cold_item_fraction and self.split != "loo":
+            raise DataError("data.preprocess.cold_item_fraction needs split=loo (cold items are kept as test targets).")
         if self.split == "temporal" and not (
             0 < self.valid_fraction < 1 and 0 < self.test_fraction < 1
             and self.valid_fraction + self.test_fraction < 1
@@ -204,6 +210,19 @@ def build_sequences(interactions: pd.DataFrame, config: PreprocessConfig, source
     items_sorted = item_codes[order].astype(np.int64) + 1
     times_sorted = times[order]
     num_users = len(user_ids)
+    if config.cold_item_fraction > 0:
+        # Cold items: every interaction removed except when it is a user's last event (the test target),
+        # so the model never sees them in training or in any history.
+        rng = np.random.default_rng(config.cold_item_seed)
+        n_cold = int(round(config.cold_item_fraction * len(item_ids)))
+        is_cold = np.zeros(len(item_ids) + 1, dtype=bool)
+        is_cold[rng.choice(np.arange(1, len(item_ids) + 1), n_cold, replace=False)] = True
+        is_last = np.ones(users_sorted.shape[0], dtype=bool)
+        is_last[:-1] = users_sorted[1:] != users_sorted[:-1]
+        keep = ~is_cold[items_sorted] | is_last
+        stats["dropped"]["cold_item_history"] = int((~keep).sum())
+        stats["cold_items"] = n_cold
+        users_sorted, items_sorted, times_sorted = users_sorted[keep], items_sorted[keep], times_sorted[keep]
     lengths = np.bincount(users_sorted, minlength=num_users).astype(np.int64)
     offsets = np.zeros(num_users + 1, dtype=np.int64)
     np.cumsum(lengths, out=offsets[1:])

@@ -1,0 +1,158 @@
+"""Run a set of training configurations over several seeds and write mean ± std tables + a bar chart.
+
+    python scripts/experiments.py ablations --seeds 1 2 3          # full model vs ablations vs SASRec
+    python scripts/experiments.py coldstart --seeds 1 2 3          # 10% items held out, per fusion mode
+    python scripts/experiments.py ablations --only sasrec lsti --extra trainer.max_epochs=50
+
+Each run is `python -m training.train <overrides> seed=<s>` in its own directory under `--out`
+(default outputs/experiments/<suite>); a finished run (metrics.json present) is reused, so an
+interrupted suite continues where it stopped. Results go to docs/results.md between markers
+`<!-- <suite>:begin -->` / `<!-- <suite>:end -->` and to docs/<suite>.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SUITES: dict[str, dict[str, list[str]]] = {
+    "ablations": {
+        "sasrec": ["model=sasrec"],
+        "lsti": ["model=lsti"],
+        "lsti_no_text": ["model=lsti_no_text"],
+        "lsti_text_only": ["model=lsti_text_only"],
+        "lsti_long_only": ["model=lsti_long_only"],
+        "lsti_short_only": ["model=lsti_short_only"],
+        "lsti_concat": ["model=lsti_concat"],
+    },
+    "coldstart": {
+        "pop": ["model=pop"],
+        "sasrec (id)": ["model=sasrec"],
+        "lsti id": ["model=lsti_no_text"],
+        "lsti text": ["model=lsti_text_only"],
+        "lsti id+text": ["model=lsti"],
+    },
+}
+SUITE_EXTRA = {"coldstart": ["data.preprocess.cold_item_fraction=0.1", "data.preprocess.cold_item_seed=0"]}
+COLUMNS = {
+    "ablations": ["test/hr@10", "test/ndcg@10", "test/mrr@10", "test/users_len<=5/ndcg@10",
+                  "test/users_len6-20/ndcg@10", "test/users_len>20/ndcg@10", "test/items_head/ndcg@10",
+                  "test/items_tail/ndcg@10"],
+    "coldstart": ["test/items_unseen/hr@10", "test/items_unseen/ndcg@10", "test/items_unseen/count",
+                  "test/hr@10", "test/ndcg@10"],
+}
+
+
+def run_one(name: str, overrides: list[str], seed: int, out: Path, extra: list[str]) -> dict | None:
+    run_dir = out / name.replace(" ", "_").replace("(", "").replace(")", "") / f"seed{seed}"
+    metrics = run_dir / "metrics.json"
+    if metrics.exists():
+        return json.loads(metrics.read_text())
+    cmd = [sys.executable, "-m", "training.train", *overrides, *extra, f"seed={seed}", f"hydra.run.dir={run_dir}",
+           "trainer.enable_progress_bar=false"]
+    print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed}: {' '.join(cmd[2:])}", flush=True)
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "stdout.log").write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        print(f"  FAILED ({proc.returncode}); see {run_dir / 'stdout.log'}", flush=True)
+        return None
+    result = json.loads(metrics.read_text())
+    result["wall_s"] = time.time() - t0
+    metrics.write_text(json.dumps(result, indent=2, sort_keys=True))
+    print(f"  test/ndcg@10={result.get('test/ndcg@10', float('nan')):.4f} in {result['wall_s']:.0f}s", flush=True)
+    return result
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    vals = [v for v in values if v is not None and not math.isnan(v)]
+    if not vals:
+        return float("nan"), float("nan")
+    m = sum(vals) / len(vals)
+    sd = math.sqrt(sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else 0.0
+    return m, sd
+
+
+def table(suite: str, results: dict[str, list[dict]], seeds: list[int], extra: list[str]) -> str:
+    cols = COLUMNS[suite]
+    head = "| config | runs | " + " | ".join(c.removeprefix("test/") for c in cols) + " | epochs | s/run |"
+    lines = [head, "|" + "---|" * (len(cols) + 4)]
+    for name, runs in results.items():
+        cells = []
+        for c in cols:
+            m, sd = mean_std([r.get(c) for r in runs])
+            cells.append(f"{m:.0f}" if c.endswith("count") else f"{m:.4f} ± {sd:.4f}")
+        ep, _ = mean_std([r.get("epochs") for r in runs])
+        wall, _ = mean_std([r.get("wall_s") for r in runs])
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + f" | {ep:.0f} | {wall:.0f} |")
+    cmd = f"python scripts/experiments.py {suite} --seeds {' '.join(map(str, seeds))}"
+    if extra:
+        cmd += " --extra " + " ".join(extra)
+    return "\n".join([f"Command: `{cmd}` (mean ± sample std over seeds).", "", *lines])
+
+
+def write_section(suite: str, text: str, doc: Path) -> None:
+    begin, end = f"<!-- {suite}:begin -->", f"<!-- {suite}:end -->"
+    body = doc.read_text() if doc.exists() else "# Results\n"
+    block = f"{begin}\n{text}\n{end}"
+    if begin in body and end in body:
+        body = body[: body.index(begin)] + block + body[body.index(end) + len(end):]
+    else:
+        body = body.rstrip() + f"\n\n{block}\n"
+    doc.write_text(body)
+
+
+def plot(suite: str, results: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    metric = "test/items_unseen/hr@10" if suite == "coldstart" else "test/ndcg@10"
+    names = list(results)
+    stats = [mean_std([r.get(metric) for r in results[n]]) for n in names]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 3.5))
+    ax.bar(range(len(names)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=4, color="#4c72b0")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel(metric)
+    ax.set_title(f"{suite}: {metric} (mean ± std over seeds)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("suite", choices=sorted(SUITES))
+    ap.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--only", nargs="*", help="subset of configurations")
+    ap.add_argument("--extra", nargs="*", default=[], help="overrides added to every run")
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
+    args = ap.parse_args()
+    out = args.out or ROOT / "outputs" / "experiments" / args.suite
+    configs = {k: v for k, v in SUITES[args.suite].items() if not args.only or k in args.only}
+    extra = SUITE_EXTRA.get(args.suite, []) + args.extra
+    results: dict[str, list[dict]] = {}
+    for seed in args.seeds:  # seed-major, so a partial suite already covers every configuration
+        for name, overrides in configs.items():
+            r = run_one(name, overrides, seed, out, extra)
+            if r is not None:
+                results.setdefault(name, []).append(r)
+    results = {k: results[k] for k in configs if k in results}
+    text = table(args.suite, results, args.seeds, args.extra)
+    print(text)
+    write_section(args.suite, text, args.doc)
+    plot(args.suite, results, args.doc.parent / f"{args.suite}.png")
+
+
+if __name__ == "__main__":
+    main()
