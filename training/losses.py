@@ -4,6 +4,8 @@
 - `sampled`: sampled softmax with shared negatives and log-Q correction, for catalogues too large to score
   in full; negatives drawn uniformly or by popularity^alpha; accidental hits of the positive are masked.
 - `bce`: one uniformly sampled negative per position (the original SASRec objective), for comparison.
+- `candidate_softmax_loss`: softmax over one candidate set shared by the whole batch (in-batch items +
+  sampled negatives); what LSTI's LoRA mode trains with, since it can afford to encode only those items.
 """
 
 from __future__ import annotations
@@ -77,3 +79,19 @@ def recommendation_loss(
     neg = neg.masked_fill(neg_ids.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))
     logits = torch.cat([pos.unsqueeze(1), neg], dim=1) / cfg.temperature
     return F.cross_entropy(logits, torch.zeros_like(targets))
+
+
+def candidate_softmax_loss(states: torch.Tensor, targets: torch.Tensor, candidates: torch.Tensor,
+                           candidate_table: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean cross-entropy of each target against a candidate set shared by all positions.
+
+    states [M, D]; targets [M] (all > 0); candidates [C] sorted unique item ids (no padding) containing
+    every target; candidate_table [C, D] their representations. Every other candidate (other positions'
+    inputs and targets, the sampled negatives) is a negative. No log-Q correction: the set is the union of
+    in-batch items (drawn by popularity) and uniform samples, whose inclusion probability has no simple
+    closed form, so popular items are somewhat over-represented as negatives (the usual in-batch bias;
+    more uniform negatives dilute it). Evaluation still ranks the full catalogue.
+    """
+    logits = (states @ candidate_table.T).float() / temperature
+    labels = torch.searchsorted(candidates, targets)
+    return F.cross_entropy(logits, labels)

@@ -7,8 +7,10 @@ and the serving path use exactly the same weights without Lightning.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
 import lightning as L
@@ -18,7 +20,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from training import metrics as M
 from training.data.sequences import DataInfo
-from training.losses import LossConfig, negative_distribution, recommendation_loss
+from training.losses import LossConfig, candidate_softmax_loss, negative_distribution, recommendation_loss
+
+# Evaluation metrics are gathered and reduced exactly on every rank (`_gather`), so logging them without
+# sync_dist is right; silence Lightning's per-metric advice to sync them.
+warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level in distributed")
 
 
 @dataclass
@@ -59,6 +65,16 @@ def _plain(cfg) -> dict:
     return dict(cfg)
 
 
+def _gathered(params):
+    """Context in which ZeRO-3 partitioned parameters are whole (read-only); a no-op for anything else."""
+    params = [p for p in params if hasattr(p, "ds_id")]
+    if not params:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.GatheredParameters(params)
+
+
 def build_model(model_cfg: dict, info: DataInfo) -> torch.nn.Module:
     """Instantiate the model's dataclass config (Hydra `_target_`) and build the module.
 
@@ -92,7 +108,7 @@ class LitRecommender(L.LightningModule):
             text = torch.zeros(n, info["text_dim"])  # placeholder; the checkpoint's buffer replaces it
         data_info = DataInfo(num_items=info["num_items"], num_users=info["num_users"], max_len=info["max_len"],
                              item_counts=counts if counts is not None else torch.zeros(n, dtype=torch.int64),
-                             item_text=text, text_dim=info.get("text_dim", 0))
+                             item_text=text, text_dim=info.get("text_dim", 0), item_texts=tensors.get("item_texts"))
         self.model = build_model(model, data_info)
         self.optim_cfg, self.loss_cfg, self.eval_cfg = OptimConfig(**optim), LossConfig(**loss), EvalConfig(**evaluation)
         self.register_buffer("item_counts", data_info.item_counts.to(torch.int64).clone(), persistent=True)
@@ -107,12 +123,15 @@ class LitRecommender(L.LightningModule):
         return self.model(items, times, users)
 
     def training_step(self, batch: dict, batch_idx: int):
-        item_table = self.model.item_table()
-        states = self.model(batch["items"], batch["times"], batch["users"], query_times=batch["target_times"],
-                            item_table=item_table)
         has_target = batch["targets"] > 0
-        loss = recommendation_loss(states[has_target], batch["targets"][has_target], item_table, self.loss_cfg,
-                                   self.neg_probs)
+        if getattr(self.model, "trains_on_candidates", False):
+            loss = self._candidate_step(batch, has_target)
+        else:
+            item_table = self.model.item_table()
+            states = self.model(batch["items"], batch["times"], batch["users"], query_times=batch["target_times"],
+                                item_table=item_table)
+            loss = recommendation_loss(states[has_target], batch["targets"][has_target], item_table, self.loss_cfg,
+                                       self.neg_probs)
         n_seq = batch["items"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=n_seq)
         now = time.perf_counter()
@@ -122,6 +141,28 @@ class LitRecommender(L.LightningModule):
             self.log("train/items_per_s", has_target.sum().float() / dt, batch_size=n_seq)
         self._t_last = now
         return loss
+
+    def _candidate_step(self, batch: dict, has_target: torch.Tensor) -> torch.Tensor:
+        """Models whose item representations are expensive (LSTI with text_mode=lora runs the language model
+        per item) encode only this step's candidates: the batch's input and target items plus
+        `lora_negatives` uniformly drawn items. Inputs look their representations up in a full-size table
+        holding only the candidates (index_copy keeps the gradients); the loss is a sampled softmax over the
+        candidate set (`losses.candidate_softmax_loss`), so in-batch items double as negatives."""
+        items, targets = batch["items"], batch["targets"]
+        n = self.model.num_items
+        parts = [items.flatten(), targets.flatten()]
+        k = int(getattr(self.model.cfg, "lora_negatives", 0))
+        if k:
+            parts.append(torch.randint(1, n + 1, (k,), device=items.device))
+        candidates = torch.unique(torch.cat(parts))  # sorted
+        candidates = candidates[candidates > 0]
+        reps = self.model.candidate_table(candidates)
+        table = reps.new_zeros(n + 1, reps.shape[1]).index_copy(0, candidates, reps)
+        states = self.model(items, batch["times"], batch["users"], query_times=batch["target_times"],
+                            item_table=table)
+        self.log("train/candidates", float(candidates.numel()), batch_size=items.shape[0])
+        return candidate_softmax_loss(states[has_target], targets[has_target], candidates, reps,
+                                      self.loss_cfg.temperature)
 
     def on_train_epoch_start(self) -> None:
         self._t_last = None
@@ -152,24 +193,56 @@ class LitRecommender(L.LightningModule):
     # ------------------------------------------------------------------ evaluation
     def _eval_start(self) -> None:
         self._eval_outputs = []
-        with torch.no_grad():
-            self._eval_table = self.model.item_table().detach()
+        gather = _gathered(self.model.parameters())
+        with torch.no_grad(), gather:
+            table = self.model.item_table().detach()
+            # under ZeRO-3 the gathered weights are freed on exit: keep a copy
+            self._eval_table = table if isinstance(gather, contextlib.nullcontext) else table.clone()
+
+    # ------------------------------------------------------------------ DeepSpeed ZeRO-3
+    def setup(self, stage: str) -> None:
+        """ZeRO-3 partitions every parameter outside the forward pass of the module that owns it, but
+        `item_table()` reads embedding tables directly (no module call) inside training_step. Registering those
+        tables as external parameters of this module makes DeepSpeed gather them for the whole step."""
+        from training.strategies import zero_stage
+
+        if self._trainer is None or zero_stage(self.trainer.strategy) != 3:
+            return
+        import deepspeed
+
+        for module in self.model.modules():
+            if isinstance(module, torch.nn.Embedding):
+                deepspeed.zero.register_external_parameter(self, module.weight)
 
     def _eval_step(self, batch: dict) -> None:
         query_times = torch.cat([batch["times"][:, 1:], batch["target_time"].unsqueeze(1)], dim=1)
         states = self.model(batch["items"], batch["times"], batch["users"], query_times=query_times,
                             item_table=self._eval_table)[:, -1]
-        exclude = None
-        if self.eval_cfg.filter_seen:
-            exclude = M.seen_mask_from_csr(batch["seen_offsets"], batch["seen_items"], self._eval_table.shape[0])
-        scores = self.model.score(states, self._eval_table).float()
-        ranks = M.target_ranks(scores, batch["target"], exclude)
+        if bool((batch["query"] < 0).all()):
+            return  # a padding batch (ShardedBatchSampler): its forward pass only keeps the ranks in step
+        chunk = self.eval_cfg.item_chunk_size
+        if chunk and chunk < self._eval_table.shape[0]:
+            # Bounded memory for huge catalogues: [B, chunk] scores at a time instead of [B, N+1].
+            exclude_fn = (M.csr_exclude_fn(batch["seen_offsets"], batch["seen_items"])
+                          if self.eval_cfg.filter_seen else None)
+            ranks = M.full_ranking_ranks(states, self._eval_table, batch["target"], exclude_fn,
+                                         chunk_size=max(int(states.shape[0]), 1), item_chunk_size=int(chunk))
+            scores = None
+        else:
+            exclude = None
+            if self.eval_cfg.filter_seen:
+                exclude = M.seen_mask_from_csr(batch["seen_offsets"], batch["seen_items"], self._eval_table.shape[0])
+            scores = self.model.score(states, self._eval_table).float()
+            ranks = M.target_ranks(scores, batch["target"], exclude)
         out = {"rank": ranks, "query": batch["query"], "train_len": batch["train_len"], "target": batch["target"]}
         if self.eval_cfg.sampled_negatives > 0:
             n = self.eval_cfg.sampled_negatives
             negatives = M.sample_negatives(batch["target"], n, self.eval_cfg.sampled_sampler, self.item_counts,
                                            uniforms=M.query_uniforms(batch["query"], n))
-            out["sampled_rank"] = M.sampled_ranks_from_scores(scores, batch["target"], n, negatives=negatives)
+            if scores is None:
+                out["sampled_rank"] = M.sampled_ranks(states, self._eval_table, batch["target"], n, negatives=negatives)
+            else:
+                out["sampled_rank"] = M.sampled_ranks_from_scores(scores, batch["target"], n, negatives=negatives)
         self._eval_outputs.append(out)
 
     def _gather(self) -> dict[str, torch.Tensor]:

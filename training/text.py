@@ -250,8 +250,8 @@ class TextEncoder(nn.Module):
                                     self.tokenizer.pad_token_id) if t is not None)
         return [list(x) if len(x) else [fallback] for x in ids]
 
-    def _pad(self, ids: Sequence[Sequence[int]]) -> dict[str, torch.Tensor]:
-        width = max(len(x) for x in ids)
+    def _pad(self, ids: Sequence[Sequence[int]], width: int | None = None) -> dict[str, torch.Tensor]:
+        width = max(len(x) for x in ids) if width is None else width
         input_ids = torch.full((len(ids), width), int(self.tokenizer.pad_token_id), dtype=torch.long)
         mask = torch.zeros((len(ids), width), dtype=torch.long)
         left = self.padding_side == "left"
@@ -268,6 +268,12 @@ class TextEncoder(nn.Module):
         if not texts:
             raise TextModelError("tokenize() needs at least one text.")
         return self._pad(self._token_ids(texts))
+
+    def token_table(self, texts: Sequence[str]) -> dict[str, torch.Tensor]:
+        """`tokenize` padded to exactly `max_length` columns, on CPU: a fixed-shape table of every item's
+        tokens that a model can keep as buffers (LoRA mode) and slice per batch."""
+        out = self._pad(self._token_ids(list(texts)), width=self.max_length)
+        return {k: v.cpu() for k, v in out.items()}
 
     # -- pooling + forward
     def pool(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

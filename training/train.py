@@ -4,6 +4,7 @@
     python -m training.train model=gru4rec trainer.max_epochs=50
     python -m training.train experiment=ml100k_lsti        # the full long/short-term model
     python -m training.train -m model=sasrec,gru4rec        # a multirun
+    python -m training.train hparams_search=sasrec_optuna  # an Optuna sweep (docs/sweeps.md)
 
 Returns the best validation metric (`callbacks.checkpoint.monitor`), which sweeps optimise.
 """
@@ -24,7 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from training.module import LitRecommender
 from training.report import results_table, write_json_atomic
-from training.strategies import build_strategy, default_precision
+from training.resume import resolve_ckpt_path, resume_callbacks
+from training.strategies import build_strategy, default_precision, precision_for_strategy
 from training.sweep_report import NonFiniteMetric, free_memory, record_failure, swallow_failures
 
 log = logging.getLogger("training.train")
@@ -50,6 +52,10 @@ def item_tensors(cfg: DictConfig, dm) -> tuple[dict, dict]:
             pooling=text_cfg.get("pooling", "mean"), max_length=text_cfg.get("max_length", 64),
             batch_size=text_cfg.get("batch_size", 64))
         info.text_dim = int(tensors["item_text"].shape[1])
+    if text_cfg is not None and getattr(model_cfg, "needs_item_texts", False):  # LoRA: the model encodes them
+        from training.text import render_item_texts
+
+        tensors["item_texts"] = render_item_texts(dm.load_items_frame(), text_cfg.template, list(dm.prepare().item_ids))
     return tensors, info.scalars()
 
 
@@ -57,8 +63,10 @@ def build_trainer(cfg: DictConfig, output_dir: Path, callbacks: list | None = No
     trainer_cfg = OmegaConf.to_container(cfg.trainer, resolve=True)
     if trainer_cfg.get("precision") in (None, "auto"):
         trainer_cfg["precision"] = default_precision(trainer_cfg.get("accelerator", "auto"))
+    strategy = build_strategy(cfg.get("strategy"))
+    trainer_cfg["precision"] = precision_for_strategy(strategy, trainer_cfg["precision"])  # e.g. bf16 in a DS JSON
     loggers = [instantiate(c, save_dir=str(output_dir)) for c in (cfg.get("logger") or {}).values() if c]
-    return instantiate(trainer_cfg, strategy=build_strategy(cfg.get("strategy")), callbacks=callbacks or [],
+    return instantiate(trainer_cfg, strategy=strategy, callbacks=callbacks or [],
                        logger=loggers or False, default_root_dir=str(output_dir))
 
 
@@ -80,12 +88,18 @@ def train(cfg: DictConfig) -> tuple[dict, float]:
     callbacks = [checkpoint] + ([LearningRateMonitor(logging_interval="step")] if cfg.get("logger") else [])
     if cfg.callbacks.early_stopping.patience:
         callbacks.append(EarlyStopping(monitor=monitor, mode="max", patience=cfg.callbacks.early_stopping.patience))
+    # exact resume: RNG states + optional step checkpoints (the data position is in SeqDataModule.state_dict)
+    callbacks += resume_callbacks(str(output_dir / "checkpoints"), cfg.callbacks.checkpoint.get("every_n_train_steps"))
     trainer = build_trainer(cfg, output_dir, callbacks)
 
     best_path = None
     if lit.model.trainable:
-        trainer.fit(lit, datamodule=dm, ckpt_path=cfg.get("ckpt_path"))
+        trainer.fit(lit, datamodule=dm, ckpt_path=resolve_ckpt_path(cfg.get("ckpt_path"), output_dir))
         best_path = checkpoint.best_model_path or None
+        if best_path:  # ZeRO-3 cannot re-load its own directory for evaluation: use consolidated weights
+            from training.export import evaluation_checkpoint
+
+            best_path = evaluation_checkpoint(trainer, best_path)
     results: dict = {}
     results.update(_first(trainer.validate(lit, datamodule=dm, ckpt_path=best_path, verbose=False)))
     if cfg.get("test", True):

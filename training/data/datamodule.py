@@ -124,8 +124,9 @@ class EvalQueries(Dataset):
         return int(self.user.shape[0])
 
     def __getitem__(self, query_ids: list[int] | torch.Tensor) -> dict[str, torch.Tensor]:
-        q = torch.as_tensor(query_ids, dtype=torch.int64)
-        users, pos = self.user[q], self.pos[q]
+        q = torch.as_tensor(query_ids, dtype=torch.int64)  # -1: a padding query (see ShardedBatchSampler)
+        q_real = q.clamp_min(0)
+        users, pos = self.user[q_real], self.pos[q_real]
         idx, valid = window_indices(self.offsets, users, pos, self.max_len)
         target_idx = self.offsets[users] + pos
         # Full history (not only the window) as CSR, for filter_seen.
@@ -149,17 +150,28 @@ class EvalQueries(Dataset):
 class ShardedBatchSampler(Sampler):
     """Yields lists of indices for this process; deterministic in (seed, epoch).
 
-    shuffle + pad (training): every rank gets the same number of batches. No shuffle, no pad
-    (evaluation): rank r takes a contiguous, disjoint block, so no query is duplicated or dropped.
+    shuffle + pad (training): every rank gets the same number of batches. No shuffle (evaluation): the
+    queries are cut into the very batches one process would use ([0, B), [B, 2B), ...) and rank r takes a
+    contiguous block of whole batches, so no query is duplicated or dropped and every query is scored in the
+    same batch as in a 1-process run (bit-identical scores). Ranks with one batch fewer get a padding batch
+    (index -1: `EvalQueries` marks it with query -1, the module ignores it) so that every rank runs the same
+    number of forward passes (DDP buffer syncs and ZeRO-3 parameter gathers are collectives).
     """
+
+    PAD = -1
 
     def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False):
         self.size, self.batch_size, self.shuffle, self.seed, self.drop_last = size, batch_size, shuffle, seed, drop_last
         self.epoch = 0
-        self.skip_batches = 0  # set when resuming mid-epoch
+        self.skip_batches = 0  # skip this many batches on the next pass (whatever the epoch)
+        self._resume: tuple[int, int] | None = None  # (epoch, batches already trained) from a checkpoint
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def resume_at(self, epoch: int, batches: int) -> None:
+        """Mid-epoch resume: the next pass over `epoch` starts after its first `batches` batches."""
+        self._resume = (int(epoch), int(batches))
 
     def _indices(self) -> torch.Tensor:
         rank, world = _dist()
@@ -170,20 +182,58 @@ class ShardedBatchSampler(Sampler):
             if per_rank * world > self.size:  # pad by wrapping so every rank steps together
                 order = torch.cat([order, order[: per_rank * world - self.size]])
             return order[rank * per_rank:(rank + 1) * per_rank]
-        bounds = np.linspace(0, self.size, world + 1).round().astype(np.int64)
-        return torch.arange(int(bounds[rank]), int(bounds[rank + 1]))
+        lo, hi = self._eval_block(rank, world)
+        return torch.arange(min(lo * self.batch_size, self.size), min(hi * self.batch_size, self.size))
+
+    def _eval_block(self, rank: int, world: int) -> tuple[int, int]:
+        """Global batch indices [lo, hi) that rank `rank` evaluates."""
+        n_batches = -(-self.size // self.batch_size)
+        bounds = np.linspace(0, n_batches, world + 1).round().astype(np.int64)
+        return int(bounds[rank]), int(bounds[rank + 1])
+
+    def _eval_batches_per_rank(self, world: int) -> int:
+        return max((b - a for a, b in (self._eval_block(r, world) for r in range(world))), default=0)
 
     def __iter__(self):
+        skip, self.skip_batches = self.skip_batches, 0
+        if self._resume is not None and self._resume[0] == self.epoch:
+            skip = max(skip, self._resume[1])
+        self._resume = None
         idx = self._indices()
-        n = len(self)
-        for b in range(self.skip_batches, n):
-            yield idx[b * self.batch_size:(b + 1) * self.batch_size]
-        self.skip_batches = 0
+        n_real = len(self._real_batches(idx.shape[0]))
+        for b in range(skip, len(self)):
+            if b < n_real:
+                yield idx[b * self.batch_size:(b + 1) * self.batch_size]
+            else:  # evaluation padding: see the class docstring
+                yield torch.full((1,), self.PAD, dtype=torch.int64)
+
+    def _real_batches(self, n: int) -> range:
+        return range(n // self.batch_size if self.drop_last else -(-n // self.batch_size))
 
     def __len__(self) -> int:
         rank, world = _dist()
-        n = (-(-self.size // world)) if self.shuffle else len(self._indices())
-        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+        if self.shuffle:
+            return len(self._real_batches(-(-self.size // world)))
+        return self._eval_batches_per_rank(world) if world > 1 else len(self._real_batches(self.size))
+
+
+class TrainLoader(DataLoader):
+    """The training DataLoader, stateful for Lightning: a checkpoint stores (epoch, batches trained) and a resumed
+    run continues with the next batch of the same epoch order (`ShardedBatchSampler.resume_at`)."""
+
+    def __init__(self, *args, progress=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.progress = progress  # () -> batches of the current epoch already trained (Lightning's counter)
+
+    def state_dict(self) -> dict:
+        done = int(self.progress()) if self.progress is not None else 0
+        return {"epoch": int(self.sampler.epoch), "batches": done, "seed": int(self.sampler.seed)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("seed", self.sampler.seed) != self.sampler.seed:
+            log.warning("resuming with data.seed=%s but the checkpoint was trained with %s: the data order of the "
+                        "resumed epoch differs", self.sampler.seed, state["seed"])
+        self.sampler.resume_at(state.get("epoch", 0), state.get("batches", 0))
 
 
 @dataclass
@@ -233,6 +283,7 @@ class SeqDataModule(L.LightningDataModule):
         self.data: SequenceData | None = None
         self.items_frame = None  # raw item table (text fields), when the source has one
         self._samplers: dict[str, ShardedBatchSampler] = {}
+        self._train_resume: dict | None = None  # {"epoch", "batches"} from a checkpoint (mid-epoch resume)
 
     # ---------------------------------------------------------------- reading
     def _read(self) -> tuple[Any, Any, str]:
@@ -316,8 +367,22 @@ class SeqDataModule(L.LightningDataModule):
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, name: str) -> DataLoader:
         sampler = ShardedBatchSampler(len(dataset), batch_size, shuffle=shuffle, seed=self.seed)
         self._samplers[name] = sampler
-        return DataLoader(dataset, batch_size=None, sampler=sampler, num_workers=self.num_workers,
-                          pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0)
+        # An own generator: creating an iterator then never draws from the global RNG (which dropout uses),
+        # so a run resumed mid-epoch consumes random numbers exactly like an uninterrupted one.
+        kwargs = dict(batch_size=None, sampler=sampler, num_workers=self.num_workers, pin_memory=self.pin_memory,
+                      persistent_workers=self.num_workers > 0, generator=torch.Generator().manual_seed(self.seed))
+        if name == "train":
+            if self._train_resume:
+                sampler.resume_at(self._train_resume["epoch"], self._train_resume["batches"])
+            return TrainLoader(dataset, progress=self._train_progress, **kwargs)
+        return DataLoader(dataset, **kwargs)
+
+    def _train_progress(self) -> int:
+        """Batches of the current epoch the Trainer has trained on (not merely fetched)."""
+        trainer = getattr(self, "trainer", None)
+        if trainer is None:
+            return 0
+        return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(TrainWindows(self.prepare(), self.max_len, self.train_stride, self.train_windows),
@@ -343,12 +408,22 @@ class SeqDataModule(L.LightningDataModule):
             lines.append("dropped rows: " + ", ".join(f"{k}={v:,}" for k, v in dropped.items()))
         return "\n".join(lines)
 
-    # Mid-epoch resume: Lightning stores/restores this with the checkpoint.
+    # Mid-epoch resume: Lightning stores/restores this with the checkpoint. The training position is also in
+    # the (stateful) train loader's state, but Lightning only hands that back when it creates the loader after
+    # restoring, and `trainer.estimated_stepping_batches` (configure_optimizers) creates it before; the data
+    # module is restored in time for every strategy (after setup for DeepSpeed, which then finds the sampler).
     def state_dict(self) -> dict:
-        return {"seed": self.seed}
+        state = {"seed": self.seed}
+        train = self._samplers.get("train")
+        if train is not None:
+            state["train"] = {"epoch": int(train.epoch), "batches": self._train_progress()}
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.seed = state.get("seed", self.seed)
+        self._train_resume = state.get("train")
+        if self._train_resume and "train" in self._samplers:
+            self._samplers["train"].resume_at(self._train_resume["epoch"], self._train_resume["batches"])
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -280,6 +280,7 @@ class DataInfo:
     item_counts: torch.Tensor | None = None
     item_text: torch.Tensor | None = None
     text_dim: int = 0
+    item_texts: list[str] | None = None  # rendered item texts [N+1] (LoRA mode tokenizes them at build)
 
     def scalars(self) -> dict:
         return {"num_items": self.num_items, "num_users": self.num_users, "max_len": self.max_len,

@@ -13,6 +13,17 @@ User representation at every position t (causal):
 - fusion: alpha = sigmoid(MLP([long, short, log1p(time since last event)])), user = alpha * long +
   (1 - alpha) * short (as SLi-Rec), or a linear map of the concatenation.
 Scores are dot products with every item representation (full softmax).
+
+Language model (`text_mode`):
+- `frozen` (default): the item texts are encoded once, outside the model, into the `item_text` buffer
+  (cached on disk by `training.text.item_text_embeddings`); only the adapter learns.
+- `lora`: the model owns the language model (`text_encoder`, a `training.text.TextEncoder` whose HF model
+  is wrapped by `peft.get_peft_model`: only the LoRA matrices train, the base weights stay frozen) and the
+  tokenized item texts (`item_input_ids` / `item_attention_mask` buffers [N+1, text_max_length], built from
+  `DataInfo.item_texts`). Training encodes only the step's candidate items (`candidate_table`, with
+  gradients; `LitRecommender` runs a sampled softmax over them); `item_table()` encodes the whole catalogue
+  in chunks (evaluation refreshes it once per epoch). Checkpoints hold the LoRA weights but not the frozen
+  base weights, which are re-read from `text_path` when the model is rebuilt.
 """
 
 from __future__ import annotations
@@ -58,6 +69,17 @@ class LSTIConfig:
     # fusion of long and short
     user_fusion: str = "gate"  # gate | concat
     gate_hidden: int = 64
+    # language model: frozen (cached embeddings) | lora (PEFT LoRA on the encoder, trained end to end)
+    text_mode: str = "frozen"
+    text_path: str | None = None  # lora: the LM folder (conf/model/lsti_lora.yaml: ${.text.path}); None: MiniLM
+    text_pooling: str = "mean"  # lora: mean | cls | last
+    text_max_length: int = 64  # lora: tokens kept per item text
+    text_chunk: int = 256  # lora: items per LM forward when encoding the whole catalogue
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_targets: list | None = None  # module names; None: peft's default for the architecture (BERT: query, value)
+    lora_negatives: int = 256  # uniform random items added to the in-batch candidates of each training step
 
     def __post_init__(self) -> None:
         checks = {
@@ -66,6 +88,7 @@ class LSTIConfig:
             "adapter": (self.adapter, ("mlp", "moe")),
             "short_rnn": (self.short_rnn, ("gru", "lstm")),
             "user_fusion": (self.user_fusion, ("gate", "concat")),
+            "text_mode": (self.text_mode, ("frozen", "lora")),
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:
@@ -74,10 +97,29 @@ class LSTIConfig:
             raise ValueError("model.use_long and model.use_short are both false: enable at least one encoder.")
         if self.short_len < 1:
             raise ValueError(f"model.short_len={self.short_len} must be >= 1.")
+        if self.text_mode == "lora":
+            if not self.uses_text:
+                raise ValueError("model.text_mode=lora fine-tunes the language model, but model.fusion=id uses no "
+                                 "text: use fusion=text or id+text, or text_mode=frozen.")
+            for name in ("lora_r", "text_max_length", "text_chunk"):
+                if getattr(self, name) < 1:
+                    raise ValueError(f"model.{name}={getattr(self, name)} must be >= 1.")
+            if self.lora_negatives < 0:
+                raise ValueError(f"model.lora_negatives={self.lora_negatives} must be >= 0.")
+
+    @property
+    def uses_text(self) -> bool:
+        return self.fusion in ("text", "id+text")
 
     @property
     def needs_text(self) -> bool:
-        return self.fusion in ("text", "id+text")
+        """Whether the model needs the cached (frozen) text-embedding table `DataInfo.item_text`."""
+        return self.uses_text and self.text_mode == "frozen"
+
+    @property
+    def needs_item_texts(self) -> bool:
+        """Whether the model needs the rendered item texts `DataInfo.item_texts` (LoRA mode)."""
+        return self.uses_text and self.text_mode == "lora"
 
     def build(self, info: DataInfo) -> LSTI:
         if self.needs_text and info.item_text is None:
@@ -150,6 +192,11 @@ class LSTI(SequenceRecommender):
         if cfg.needs_text:
             self.register_buffer("item_text", info.item_text.to(torch.float32).clone(), persistent=True)
             self.adapter = TextAdapter(info.item_text.shape[1], d, cfg.adapter, cfg.experts, cfg.adapter_dropout)
+        elif cfg.needs_item_texts:
+            text_encoder = lora_text_encoder(cfg)  # attached after init_weights, which must not touch the LM
+            self._register_item_tokens(text_encoder, info)
+            self.adapter = TextAdapter(text_encoder.dim, d, cfg.adapter, cfg.experts, cfg.adapter_dropout)
+        if cfg.uses_text:
             if cfg.fusion == "id+text" and cfg.combine == "gate":
                 self.item_gate = nn.Linear(2 * d, d)
         self.drop = nn.Dropout(cfg.dropout)
@@ -169,28 +216,86 @@ class LSTI(SequenceRecommender):
                 self.concat = nn.Linear(2 * d, d)
         self.out_norm = nn.LayerNorm(d)
         init_weights(self)
+        if cfg.needs_item_texts:
+            self.text_encoder = text_encoder
+            # Checkpoints skip the frozen base LM (re-read from text_path at build) and keep the LoRA weights.
+            self.register_state_dict_post_hook(_drop_frozen_lm_weights)
+            self.register_load_state_dict_post_hook(_allow_missing_frozen_lm_weights)
         self.last_gate: torch.Tensor | None = None  # alpha of the last forward, for analysis
 
     # ------------------------------------------------------------------ items
+    @property
+    def trains_on_candidates(self) -> bool:
+        """LoRA mode: a training step encodes only its candidate items (`candidate_table`), never all of them."""
+        return self.cfg.needs_item_texts
+
+    def _register_item_tokens(self, encoder, info: DataInfo) -> None:
+        """Tokenize the item texts once into fixed-shape buffers [N+1, text_max_length]. Without texts (a
+        model rebuilt to load a checkpoint) they are empty placeholders that the state dict fills."""
+        n, width = info.num_items + 1, self.cfg.text_max_length
+        if info.item_texts is None:
+            ids = torch.full((n, width), int(encoder.tokenizer.pad_token_id), dtype=torch.int32)
+            mask = torch.zeros((n, width), dtype=torch.bool)
+        else:
+            if len(info.item_texts) != n:
+                raise ValueError(f"DataInfo.item_texts has {len(info.item_texts)} texts for {n} item indices "
+                                 "(row 0 is the padding).")
+            tokens = encoder.token_table(info.item_texts)
+            ids, mask = tokens["input_ids"].to(torch.int32), tokens["attention_mask"].bool()
+        self.register_buffer("item_input_ids", ids, persistent=True)
+        self.register_buffer("item_attention_mask", mask, persistent=True)
+
+    def encode_items(self, ids: torch.Tensor) -> torch.Tensor:
+        """LoRA mode: LM embeddings [len(ids), H] float32 of the items `ids`, with autograd when enabled."""
+        out = []
+        for start in range(0, ids.shape[0], self.cfg.text_chunk):
+            idx = ids[start:start + self.cfg.text_chunk]
+            mask = self.item_attention_mask[idx]
+            if not bool(mask.any(1).all()):
+                raise RuntimeError("item token buffers are empty: build the model with DataInfo.item_texts "
+                                   "(training.train does for text_mode=lora) or load a checkpoint into it.")
+            keep = mask.any(0)  # drop columns that are padding in every row of this chunk
+            out.append(self.text_encoder(self.item_input_ids[idx][:, keep].long(), mask[:, keep].long()))
+        return torch.cat(out) if out else self.adapter.norm.weight.new_zeros(0, self.text_encoder.dim)
+
+    def _combine(self, ids: torch.Tensor | None, txt: torch.Tensor | None) -> torch.Tensor:
+        """Item representations from ID vectors and adapted text vectors (either None when unused)."""
+        if txt is None:
+            return ids
+        if ids is None:
+            return txt
+        if self.cfg.combine == "sum":
+            return ids + txt
+        g = torch.sigmoid(self.item_gate(torch.cat([ids, txt], dim=-1)))
+        return g * ids + (1 - g) * txt
+
     def text_table(self, text: torch.Tensor | None = None) -> torch.Tensor:
-        return self.adapter(self.item_text if text is None else text)
+        if text is None:
+            if self.cfg.needs_item_texts:
+                rows = self.encode_items(torch.arange(1, self.num_items + 1, device=self.item_input_ids.device))
+                text = torch.cat([rows.new_zeros(1, rows.shape[1]), rows])  # row 0 (padding) is never encoded
+            else:
+                text = self.item_text
+        return self.adapter(text)
 
     def item_table(self, text: torch.Tensor | None = None) -> torch.Tensor:
-        """Representations of all items [N+1, D]; `text` replaces the cached LM embeddings (LoRA mode)."""
+        """Representations of all items [N+1, D]; `text` replaces the LM embeddings (in LoRA mode, without
+        it the whole catalogue goes through the language model)."""
         cfg = self.cfg
-        if cfg.fusion == "id":
-            table = self.item_emb.weight
-        elif cfg.fusion == "text":
-            table = self.text_table(text)
-        else:
-            ids, txt = self.item_emb.weight, self.text_table(text)
-            if cfg.combine == "sum":
-                table = ids + txt
-            else:
-                g = torch.sigmoid(self.item_gate(torch.cat([ids, txt], dim=-1)))
-                table = g * ids + (1 - g) * txt
+        table = self._combine(self.item_emb.weight if cfg.fusion != "text" else None,
+                              self.text_table(text) if cfg.uses_text else None)
         pad = torch.zeros_like(table[:1])
         return torch.cat([pad, table[1:]], dim=0)
+
+    def candidate_table(self, ids: torch.Tensor) -> torch.Tensor:
+        """Representations [len(ids), D] of the items `ids` only (row for id 0 is zeros); in LoRA mode only
+        these items go through the language model, with gradients."""
+        cfg = self.cfg
+        txt = None
+        if cfg.uses_text:
+            txt = self.adapter(self.encode_items(ids) if cfg.needs_item_texts else self.item_text[ids])
+        table = self._combine(self.item_emb(ids) if cfg.fusion != "text" else None, txt)
+        return table * (ids > 0).unsqueeze(-1).to(table.dtype)
 
     # ------------------------------------------------------------------ users
     def _long(self, x: torch.Tensor, items: torch.Tensor, times: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
@@ -252,18 +357,73 @@ class LSTI(SequenceRecommender):
         cfg = self.cfg
         long = self._long(x, items, times, users) if cfg.use_long else None
         short = self._short(x, items, times) if cfg.use_short else None
+        elapsed = None
+        if long is not None and short is not None and cfg.user_fusion == "gate":
+            if query_times is None:
+                elapsed = torch.zeros_like(times, dtype=x.dtype)
+            else:
+                elapsed = self.elapsed_feature(query_times[:, -items.shape[1]:] - times, x.dtype)
+        return self.fuse(long, short, elapsed)
+
+    @staticmethod
+    def elapsed_feature(gap: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The gate's time input: log1p(seconds between the event and the request) / 10."""
+        return torch.log1p(gap.clamp_min(0).to(dtype)) / 10
+
+    def fuse(self, long: torch.Tensor | None, short: torch.Tensor | None,
+             elapsed: torch.Tensor | None = None) -> torch.Tensor:
+        """User state from the long/short encoder outputs [..., D] (either may be None when disabled) and the
+        gate's `elapsed_feature` [...]. Shared by `forward` and the incremental serving path."""
         if long is None:
             user = short
         elif short is None:
             user = long
-        elif cfg.user_fusion == "concat":
+        elif self.cfg.user_fusion == "concat":
             user = self.concat(torch.cat([long, short], dim=-1))
         else:
-            if query_times is None:
-                elapsed = torch.zeros_like(times, dtype=x.dtype)
-            else:
-                elapsed = torch.log1p((query_times[:, -items.shape[1]:] - times).clamp_min(0).to(x.dtype)) / 10
+            if elapsed is None:
+                elapsed = torch.zeros(long.shape[:-1], dtype=long.dtype, device=long.device)
             alpha = torch.sigmoid(self.gate(torch.cat([long, short, elapsed.unsqueeze(-1)], dim=-1)))
             self.last_gate = alpha.detach()
             user = alpha * long + (1 - alpha) * short
         return self.out_norm(user)
+
+
+# ----------------------------------------------------------------------------- LoRA text encoder
+def lora_text_encoder(cfg: LSTIConfig):
+    """A float32 `TextEncoder` whose HF model is wrapped by `peft.get_peft_model` (only LoRA trainable)."""
+    import peft
+
+    from training.text import TextEncoder
+
+    encoder = TextEncoder(cfg.text_path, pooling=cfg.text_pooling, max_length=cfg.text_max_length,
+                          device="cpu", dtype=torch.float32)
+    targets = list(cfg.lora_targets) if cfg.lora_targets else None
+    lora = peft.LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                           target_modules=targets, task_type="FEATURE_EXTRACTION")
+    try:
+        # train(): the LM follows the recommender's mode (dropout while training; Lightning keeps modes as found)
+        encoder.model = peft.get_peft_model(encoder.model, lora).train()
+    except ValueError as e:
+        raise ValueError(f"LoRA could not be applied to text model {encoder.model_path!r}: {e}. Set "
+                         "model.lora_targets to the names of its attention projections (e.g. [query, value] for "
+                         "BERT, [q_proj, v_proj] for Llama/Qwen).") from e
+    return encoder
+
+
+_LM_PREFIX = "text_encoder.model."
+
+
+def _is_frozen_lm_key(key: str) -> bool:
+    """A base (non-LoRA) weight of the LoRA-wrapped language model."""
+    _, found, rest = key.partition(_LM_PREFIX)
+    return bool(found) and "lora_" not in rest
+
+
+def _drop_frozen_lm_weights(module: nn.Module, state_dict: dict, prefix: str, local_metadata) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix + _LM_PREFIX) and _is_frozen_lm_key(k[len(prefix):])]:
+        del state_dict[key]
+
+
+def _allow_missing_frozen_lm_weights(module: nn.Module, incompatible_keys) -> None:
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not _is_frozen_lm_key(k)]
