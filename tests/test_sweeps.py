@@ -98,6 +98,12 @@ def test_grid_multirun_report_and_best_command_reproduces(tmp_path):
     _cli([*shlex.split(command)[3:], f"hydra.run.dir={run_dir}"], tmp_path)
     again = json.loads((run_dir / "metrics.json").read_text())["val/ndcg@10"]
     assert math.isclose(again, result["best"].value, rel_tol=1e-6)
+    # ... and so does the exact replay of its saved config.
+    replay = sr.replay_command(result["best"])
+    assert replay in result["markdown"]
+    _cli([*shlex.split(replay)[3:], f"hydra.run.dir={tmp_path / 'replay'}"], tmp_path)
+    again = json.loads((tmp_path / "replay" / "metrics.json").read_text())["val/ndcg@10"]
+    assert math.isclose(again, result["best"].value, rel_tol=1e-6)
 
 
 # --- report on hand-made sweep directories (no training) ---------------------------------------------------

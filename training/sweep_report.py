@@ -34,8 +34,8 @@ from pathlib import Path
 
 import yaml
 
-__all__ = ["NonFiniteMetric", "Trial", "collect", "free_memory", "main", "record_failure", "report",
-           "swallow_failures", "FAILED_FILE", "METRICS_FILE"]
+__all__ = ["FAILED_FILE", "METRICS_FILE", "NonFiniteMetric", "Trial", "collect", "free_memory", "main",
+           "record_failure", "replay_command", "report", "rerun_command", "swallow_failures"]
 
 FAILED_FILE = "failed.json"
 METRICS_FILE = "metrics.json"
@@ -162,7 +162,7 @@ def _job_num(trial_dir: Path) -> int | None:
 
 def _sweep_info(sweep_dir: Path) -> dict:
     """Swept keys and direction from multirun.yaml, plus Optuna's optimization_results.yaml if present."""
-    info: dict = {"swept": [], "direction": None, "optuna": None, "sweeper": None}
+    info: dict = {"swept": [], "declared": {}, "direction": None, "optuna": None, "sweeper": None}
     # The basic sweeper writes multirun.yaml; the Optuna sweeper does not, but every trial's
     # .hydra/hydra.yaml carries the same hydra.sweeper section.
     sources = [sweep_dir / "multirun.yaml", *(d / ".hydra" / "hydra.yaml" for d in _trial_dirs(sweep_dir)[:1])]
@@ -180,10 +180,12 @@ def _sweep_info(sweep_dir: Path) -> dict:
         for key, value in (sweeper.get("params") or {}).items():
             if _is_sweep_value(str(value)):
                 info["swept"].append(str(key))
+                info["declared"][str(key)] = str(value).strip()
         for text in (hydra.get("overrides", {}) or {}).get("task", []) or []:
             key, value = _split_override(str(text))
             if _is_sweep_value(value):
                 info["swept"].append(key)
+                info["declared"][key] = value.strip()
         break
     res = sweep_dir / "optimization_results.yaml"
     if res.exists():
@@ -222,12 +224,13 @@ def collect(sweep_dirs, metric: str = DEFAULT_METRIC) -> tuple[list[Trial], dict
     """All trials of the given sweep directories (launch order) and the merged sweep info."""
     sweep_dirs = [Path(d) for d in sweep_dirs]
     trials: list[Trial] = []
-    merged: dict = {"swept": [], "direction": None, "optuna": {}, "sweepers": set()}
+    merged: dict = {"swept": [], "declared": {}, "direction": None, "optuna": {}, "sweepers": set()}
     for sweep_dir in sweep_dirs:
         if not sweep_dir.is_dir():
             raise FileNotFoundError(f"{sweep_dir}: no such sweep directory")
         info = _sweep_info(sweep_dir)
         merged["swept"] += [k for k in info["swept"] if k not in merged["swept"]]
+        merged["declared"] = {**info["declared"], **merged["declared"]}
         merged["direction"] = merged["direction"] or info["direction"]
         if info["optuna"]:
             merged["optuna"][str(sweep_dir)] = info["optuna"]
@@ -325,6 +328,12 @@ def rerun_command(trial: Trial) -> str:
     return " ".join(["python -m training.train", *(shlex.quote(o) for o in keep)])
 
 
+def replay_command(trial: Trial) -> str:
+    """Re-run the trial from its saved, fully resolved `.hydra/config.yaml`."""
+    return (f"python -m training.train --config-path {shlex.quote(str((trial.path / '.hydra').resolve()))} "
+            "--config-name config")
+
+
 def _fmt(value: float | None) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return ""
@@ -396,14 +405,17 @@ def report(sweep_dirs, out_dir=None, metric: str = DEFAULT_METRIC, direction: st
                       f"best params {res.get('best_params')}"]
     lines += [""]
     if best is not None:
-        lines += [f"## Best trial: {best.name} ({metric} = {best.value:.4f})", "", "```",
-                  rerun_command(best), "```"]
+        lines += [f"## Best trial: {best.name} ({metric} = {best.value:.4f})", "",
+                  "As a single run with today's config defaults plus the trial's overrides:", "", "```",
+                  rerun_command(best), "```", "",
+                  "Exact replay of the trial's saved config (independent of later changes to conf/):", "",
+                  "```", replay_command(best), "```"]
     else:
         lines += ["## Best trial: none (no trial completed)"]
 
     pngs: list[Path] = []
     if plots and trials:
-        pngs = _plots(trials, keys, metric, direction, out)
+        pngs = _plots(trials, keys, metric, direction, out, declared=info.get("declared", {}))
         lines += ["", *(f"![{p.stem}]({p.name})" for p in pngs)]
     markdown = "\n".join(lines) + "\n"
     md_path = out / "sweep_report.md"
@@ -419,12 +431,17 @@ def _numeric(values: list[str]) -> list[float] | None:
         return None
 
 
-def _plots(trials: list[Trial], keys: list[str], metric: str, direction: str, out: Path) -> list[Path]:
+def _plots(trials: list[Trial], keys: list[str], metric: str, direction: str, out: Path,
+           declared: dict | None = None) -> list[Path]:
+    """declared: key -> sweep expression (`tag(log, interval(...))` gives a log axis, `choice(...)` or a
+    comma list one column per value); undeclared keys: numbers on a linear (or, spanning >= 100x, log)
+    axis, a few integers or strings as columns."""
+    declared = declared or {}
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
+    from matplotlib.ticker import MaxNLocator, NullFormatter
 
     done = [t for t in trials if t.status == "complete"]
     bad = [t for t in trials if t.status != "complete"]
@@ -463,18 +480,29 @@ def _plots(trials: list[Trial], keys: list[str], metric: str, direction: str, ou
         fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.3 * rows), squeeze=False)
         for ax, key in zip(axes.flat, keys):
             raw = [t.params.get(key, "") for t in done]
-            nums = _numeric(raw)
+            everything = [t.params.get(key, "") for t in trials]
+            nums = _numeric(everything)
+            spec = declared.get(key, "")
+            discrete = spec.startswith("choice(") or (spec and not _SWEEP_SYNTAX.match(spec))
+            if nums is not None and (discrete or (all(x.is_integer() for x in nums) and len(set(nums)) <= 6)):
+                nums = None  # a set of choices (hidden sizes, layers): one column per value
             if nums is not None:
+                nums = _numeric(raw)
                 ax.scatter(nums, values)
                 positive = [x for x in nums if x > 0]
-                if positive and len(positive) == len(nums) and max(positive) / min(positive) >= 20:
+                wide = positive and len(positive) == len(nums) and max(positive) / min(positive) >= 100
+                if re.match(r"tag\(\s*log\b", spec) or (not spec and wide):
                     ax.set_xscale("log")
+                    ax.xaxis.set_minor_formatter(NullFormatter())
             else:
-                cats = sorted(set(raw) | {t.params.get(key, "") for t in bad})
+                numeric_cats = _numeric(everything) is not None
+                cats = sorted(set(everything), key=lambda c: (float(c), c) if numeric_cats else (0.0, c))
                 index = {c: i for i, c in enumerate(cats)}
                 ax.scatter([index[v] for v in raw], values)
                 ax.set_xticks(range(len(cats)))
-                ax.set_xticklabels([c or "(unset)" for c in cats], rotation=30, ha="right", fontsize=8)
+                ax.set_xticklabels([c or "(unset)" for c in cats], rotation=0 if numeric_cats else 30,
+                                   ha="center" if numeric_cats else "right", fontsize=8)
+                ax.set_xlim(-0.5, len(cats) - 0.5)
             failed_x = [t.params.get(key, "") for t in bad if t.status == "failed"]
             if failed_x:
                 fx = _numeric(failed_x) if nums is not None else [index[v] for v in failed_x]
