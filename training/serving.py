@@ -273,6 +273,7 @@ class Recommender:
     quantize: None | "int8" (Linear layers of the user encoder + the item table scored in int8) |
     "int8-encoder" (Linear layers only); dtype: None (float32) | "bf16" (meant for GPU);
     unknown_items: "error" (raise on raw ids outside the catalogue) | "skip" (ignore those events).
+    The Recommender owns `model` from then on (it is put in eval mode, moved, and cast for bf16 in place).
     """
 
     def __init__(self, model: nn.Module, item_ids: Sequence[str], window: int, *,
