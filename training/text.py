@@ -32,6 +32,9 @@ from tqdm.auto import tqdm
 
 from training.data.errors import DataWarning
 
+# Tokenizers fork worker threads; with DataLoader workers that deadlocks or warns, so default it off.
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 CACHE_FORMAT = 1
 POOLINGS = ("mean", "cls", "last")
 PAD_TEXT = ""  # text of row 0 (padding); never encoded

@@ -9,7 +9,6 @@ collective ops), evaluation shards are disjoint and unpadded, so no user is coun
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -425,5 +424,3 @@ class SeqDataModule(L.LightningDataModule):
         if self._train_resume and "train" in self._samplers:
             self._samplers["train"].resume_at(self._train_resume["epoch"], self._train_resume["batches"])
 
-
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
