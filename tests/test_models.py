@@ -18,7 +18,8 @@ def _batch(seed=0, b=4, n=8):
     return items, times, torch.arange(b)
 
 
-@pytest.mark.parametrize("cfg", [SASRecConfig(hidden=16, heads=2, inner=32), GRU4RecConfig(embedding=16, hidden=24)])
+@pytest.mark.parametrize("cfg", [SASRecConfig(hidden=16, heads=2, inner=32), SASRecConfig(hidden=16, heads=2, inner=32, norm="post"),
+                                 GRU4RecConfig(embedding=16, hidden=24)])
 def test_shapes_and_causality(cfg):
     torch.manual_seed(0)
     model = cfg.build(INFO).eval()
@@ -32,7 +33,8 @@ def test_shapes_and_causality(cfg):
     assert torch.allclose(states[:, :-1], states2[:, :-1], atol=1e-5)  # the future never leaks back
 
 
-@pytest.mark.parametrize("cfg", [SASRecConfig(hidden=16, heads=2, inner=32), GRU4RecConfig(embedding=16, hidden=24)])
+@pytest.mark.parametrize("cfg", [SASRecConfig(hidden=16, heads=2, inner=32), SASRecConfig(hidden=16, heads=2, inner=32, norm="post"),
+                                 GRU4RecConfig(embedding=16, hidden=24)])
 def test_padding_amount_does_not_change_last_state(cfg):
     torch.manual_seed(0)
     model = cfg.build(INFO).eval()
@@ -101,7 +103,7 @@ def _lsti_info():
 @pytest.mark.parametrize("overrides", [
     {}, {"fusion": "id"}, {"fusion": "text", "adapter": "mlp"}, {"combine": "sum"}, {"use_short": False},
     {"use_long": False}, {"user_fusion": "concat"}, {"session_gap": 50.0, "short_rnn": "lstm"},
-    {"user_embedding": True, "use_time": False},
+    {"user_embedding": True, "use_time": False}, {"norm": "post"},
 ])
 def test_lsti_variants_are_causal(overrides):
     from training.models.lsti import LSTIConfig

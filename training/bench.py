@@ -12,6 +12,8 @@ the real data module and model (no Trainer), so each phase can be timed on its o
   device's measured dense matmul peak (MFU);
 - evaluation: full-ranking users/s over the validation queries;
 - peak RSS (and peak GPU memory on CUDA).
+`compile.enabled=true` times the torch.compile'd model (compiled after the FLOP count, so the warm-up steps
+absorb the compilation; `warmup_s` reports their total time).
 Writes `bench.json` in the run directory and appends a Markdown row to `docs/benchmarks.md`.
 """
 
@@ -30,7 +32,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from training import metrics as M
-from training.module import LitRecommender
+from training.module import LitRecommender, compile_model
 from training.train import build_datamodule, item_tensors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,7 +88,8 @@ def run_bench(cfg: DictConfig) -> dict:
     lit = LitRecommender(model=cfg.model, info=info, optim=cfg.optim, loss=cfg.loss, evaluation=cfg.evaluation,
                          item_tensors=tensors).to(device)
     lit.log = lambda *a, **k: None  # no Trainer: logging is a no-op here
-    optimizer = torch.optim.AdamW([p for p in lit.parameters() if p.requires_grad], lr=cfg.optim.lr)
+    optimizer = torch.optim.AdamW([p for p in lit.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                                  betas=tuple(cfg.optim.betas), fused=cfg.optim.get("fused", None) is not False)
     loader = dm.train_dataloader()
     steps_per_epoch = len(loader)
     result: dict = {"model": type(lit.model).__name__, "params": sum(p.numel() for p in lit.model.parameters()),
@@ -98,7 +101,8 @@ def run_bench(cfg: DictConfig) -> dict:
     it = iter(loader)
     first = _to(next(it), device)
     result["flops_per_step"] = step_flops(lit, first) if lit.model.trainable else 0.0
-    wait = compute = 0.0
+    result["compiled"] = compile_model(lit.model, cfg.get("compile"))  # after the FLOP count (eager)
+    wait = compute = warmup_s = 0.0
     seqs = items = 0
     measured = 0
     total = bench.warmup + bench.steps
@@ -127,13 +131,15 @@ def run_bench(cfg: DictConfig) -> dict:
             seqs += batch["items"].shape[0]
             items += int((batch["targets"] > 0).sum())
             measured += 1
+        else:
+            warmup_s += t2 - t0
     step_time = (wait + compute) / max(measured, 1)
     peak = matmul_peak(device, dtype)
     achieved = result["flops_per_step"] / max(compute / max(measured, 1), 1e-12)
     result.update(step_ms=1000 * step_time, data_wait_share=wait / max(wait + compute, 1e-12),
                   seq_per_s=seqs / max(wait + compute, 1e-12), items_per_s=items / max(wait + compute, 1e-12),
                   epoch_s=step_time * steps_per_epoch, peak_flops=peak, achieved_flops=achieved,
-                  mfu=achieved / peak)
+                  mfu=achieved / peak, warmup_s=warmup_s)
 
     if bench.eval:
         lit.eval()

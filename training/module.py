@@ -8,6 +8,7 @@ and the serving path use exactly the same weights without Lightning.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 import warnings
@@ -25,6 +26,7 @@ from training.losses import LossConfig, candidate_softmax_loss, negative_distrib
 # Evaluation metrics are gathered and reduced exactly on every rank (`_gather`), so logging them without
 # sync_dist is right; silence Lightning's per-metric advice to sync them.
 warnings.filterwarnings("ignore", message=r".*sync_dist=True.*when logging on epoch level in distributed")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -36,6 +38,9 @@ class OptimConfig:
     warmup_ratio: float = 0.0
     scheduler: str = "cosine"  # cosine | constant
     min_lr_ratio: float = 0.1
+    # Fused AdamW (one kernel over all parameters; ~6x faster steps on a 1M-item table on CPU).
+    # null: on, except under DeepSpeed, which manages the optimiser's partitions itself.
+    fused: bool | None = None
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -82,6 +87,28 @@ def build_model(model_cfg: dict, info: DataInfo) -> torch.nn.Module:
     """
     cfg = {k: v for k, v in model_cfg.items() if k != "text"}
     return instantiate(OmegaConf.create(cfg), _convert_="all").build(info)
+
+
+def compile_model(model: torch.nn.Module, cfg, strategy=None) -> bool:
+    """Optionally `torch.compile` the plain model (config node `compile`, conf/train.yaml); True if compiled.
+
+    Uses `nn.Module.compile()`, i.e. torch.compile of the module's call, in place: `model` stays the same object
+    and type, so its state-dict keys (and every checkpoint) carry no `_orig_mod.` prefix and load with or without
+    compile. The LightningModule itself is never compiled (the loss, logging and evaluation stay eager); under a
+    DeepSpeed strategy (which wraps and partitions the module itself) the switch is ignored with a warning.
+    `cfg` may be a bool or a node with enabled / backend / mode / dynamic.
+    """
+    cfg = _plain(cfg) if not isinstance(cfg, bool) else {"enabled": cfg}
+    if not cfg.get("enabled", False) or not getattr(model, "trainable", True):
+        return False
+    from lightning.pytorch.strategies import DeepSpeedStrategy
+
+    if isinstance(strategy, DeepSpeedStrategy) or "deepspeed" in type(strategy).__name__.lower():
+        warnings.warn("compile.enabled=true is ignored under DeepSpeed strategies: training the eager model.",
+                      stacklevel=2)
+        return False
+    model.compile(backend=cfg.get("backend") or "inductor", mode=cfg.get("mode"), dynamic=cfg.get("dynamic"))
+    return True
 
 
 class LitRecommender(L.LightningModule):
@@ -166,6 +193,7 @@ class LitRecommender(L.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._t_last = None
+        self._epoch_started = time.perf_counter()
 
     def configure_optimizers(self):
         cfg = self.optim_cfg
@@ -175,7 +203,10 @@ class LitRecommender(L.LightningModule):
                 continue
             (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+        fused = cfg.fused
+        if fused is None:
+            fused = "DeepSpeed" not in type(self.trainer.strategy).__name__
+        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total)
 
@@ -293,7 +324,15 @@ class LitRecommender(L.LightningModule):
         self._eval_step(batch)
 
     def on_validation_epoch_end(self) -> None:
-        self._eval_end("val")
+        results = self._eval_end("val")
+        if self.trainer.sanity_checking or self.global_rank != 0:
+            return
+        # One plain line per epoch, so logs without a progress bar (SLURM, CI, sweeps) show the curve.
+        loss = self.trainer.callback_metrics.get("train/loss")
+        took = time.perf_counter() - getattr(self, "_epoch_started", time.perf_counter())
+        log.info("epoch %d step %d: val/ndcg@10 %.4f val/hr@10 %.4f train/loss %s (%.1f s)",
+                 self.current_epoch, self.global_step, results.get("val/ndcg@10", float("nan")),
+                 results.get("val/hr@10", float("nan")), "n/a" if loss is None else f"{float(loss):.4f}", took)
 
     def on_test_epoch_start(self) -> None:
         self._eval_start()

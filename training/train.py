@@ -23,7 +23,7 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from training.module import LitRecommender
+from training.module import LitRecommender, compile_model
 from training.report import results_table, write_json_atomic
 from training.resume import resolve_ckpt_path, resume_callbacks
 from training.strategies import build_strategy, default_precision, precision_for_strategy
@@ -91,6 +91,8 @@ def train(cfg: DictConfig) -> tuple[dict, float]:
     # exact resume: RNG states + optional step checkpoints (the data position is in SeqDataModule.state_dict)
     callbacks += resume_callbacks(str(output_dir / "checkpoints"), cfg.callbacks.checkpoint.get("every_n_train_steps"))
     trainer = build_trainer(cfg, output_dir, callbacks)
+    if compile_model(lit.model, cfg.get("compile"), trainer.strategy):
+        log.info("model compiled (torch.compile, backend %s)", cfg.compile.get("backend"))
 
     best_path = None
     if lit.model.trainable:

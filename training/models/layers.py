@@ -19,13 +19,20 @@ class FeedForward(nn.Module):
 
 
 class CausalBlock(nn.Module):
-    """Pre-LayerNorm transformer block with causal, padding-aware attention (SDPA kernel)."""
+    """Transformer block with causal, padding-aware attention (SDPA kernel).
 
-    def __init__(self, hidden: int, heads: int, inner: int, dropout: float, attn_dropout: float):
+    `norm="pre"` normalises each sub-layer's input (stable at high learning rates); `norm="post"`
+    normalises after each residual sum, as the original Transformer, SASRec paper and RecBole do.
+    """
+
+    def __init__(self, hidden: int, heads: int, inner: int, dropout: float, attn_dropout: float,
+                 norm: str = "pre"):
         super().__init__()
         if hidden % heads:
             raise ValueError(f"model hidden={hidden} must be divisible by heads={heads}.")
-        self.heads, self.attn_dropout = heads, attn_dropout
+        if norm not in ("pre", "post"):
+            raise ValueError(f"model norm={norm!r}: use 'pre' or 'post'.")
+        self.heads, self.attn_dropout, self.post_norm = heads, attn_dropout, norm == "post"
         self.norm1, self.norm2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.out = nn.Linear(hidden, hidden)
@@ -33,12 +40,18 @@ class CausalBlock(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
+        if self.post_norm:
+            x = self.norm1(x + self.drop(self._attend(x, attn_mask)))
+            return self.norm2(x + self.drop(self.ff(x)))
+        x = x + self.drop(self._attend(self.norm1(x), attn_mask))
+        return x + self.drop(self.ff(self.norm2(x)))
+
+    def _attend(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                            dropout_p=self.attn_dropout if self.training else 0.0)
-        x = x + self.drop(self.out(a.transpose(1, 2).reshape(b, n, d)))
-        return x + self.drop(self.ff(self.norm2(x)))
+        return self.out(a.transpose(1, 2).reshape(b, n, d))
 
 
 def causal_padding_mask(items: torch.Tensor) -> torch.Tensor:
@@ -54,12 +67,17 @@ def causal_padding_mask(items: torch.Tensor) -> torch.Tensor:
 
 
 class CausalEncoder(nn.Module):
-    """Stack of causal blocks with a final LayerNorm; zeroes padding positions between blocks."""
+    """Stack of causal blocks; zeroes padding positions between blocks.
 
-    def __init__(self, hidden: int, layers: int, heads: int, inner: int, dropout: float, attn_dropout: float):
+    Pre-LN stacks end with a LayerNorm; post-LN blocks already emit normalised states.
+    """
+
+    def __init__(self, hidden: int, layers: int, heads: int, inner: int, dropout: float, attn_dropout: float,
+                 norm: str = "pre"):
         super().__init__()
-        self.blocks = nn.ModuleList(CausalBlock(hidden, heads, inner, dropout, attn_dropout) for _ in range(layers))
-        self.norm = nn.LayerNorm(hidden)
+        self.blocks = nn.ModuleList(CausalBlock(hidden, heads, inner, dropout, attn_dropout, norm)
+                                    for _ in range(layers))
+        self.norm = nn.LayerNorm(hidden) if norm == "pre" else nn.Identity()
 
     def forward(self, x: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         mask = causal_padding_mask(items)

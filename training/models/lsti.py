@@ -58,6 +58,7 @@ class LSTIConfig:
     inner: int = 256
     dropout: float = 0.5
     attn_dropout: float = 0.5
+    norm: str = "pre"              # pre | post (as SASRecConfig.norm: post-LN + embedding LayerNorm)
     time_buckets: int = 32
     use_time: bool = True
     user_embedding: bool = False
@@ -89,6 +90,7 @@ class LSTIConfig:
             "short_rnn": (self.short_rnn, ("gru", "lstm")),
             "user_fusion": (self.user_fusion, ("gate", "concat")),
             "text_mode": (self.text_mode, ("frozen", "lora")),
+            "norm": (self.norm, ("pre", "post")),
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:
@@ -203,7 +205,9 @@ class LSTI(SequenceRecommender):
         if cfg.use_long:
             self.pos_emb = nn.Embedding(self.long_len, d)
             self.time_emb = TimeIntervalEmbedding(d, cfg.time_buckets) if cfg.use_time else None
-            self.long_encoder = CausalEncoder(d, cfg.layers, cfg.heads, cfg.inner, cfg.dropout, cfg.attn_dropout)
+            self.emb_norm = nn.LayerNorm(d) if cfg.norm == "post" else None
+            self.long_encoder = CausalEncoder(d, cfg.layers, cfg.heads, cfg.inner, cfg.dropout, cfg.attn_dropout,
+                                              cfg.norm)
             self.user_emb = nn.Embedding(info.num_users, d) if cfg.user_embedding else None
         if cfg.use_short:
             rnn = nn.GRU if cfg.short_rnn == "gru" else nn.LSTM
@@ -301,9 +305,11 @@ class LSTI(SequenceRecommender):
     def _long(self, x: torch.Tensor, items: torch.Tensor, times: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
         n = items.shape[1]
         pos = torch.arange(self.long_len - n, self.long_len, device=items.device)
-        h = x * math.sqrt(self.cfg.hidden) + self.pos_emb(pos)
+        h = (x if self.emb_norm is not None else x * math.sqrt(self.cfg.hidden)) + self.pos_emb(pos)
         if self.time_emb is not None:
             h = h + self.time_emb(times, items)
+        if self.emb_norm is not None:
+            h = self.emb_norm(h)
         h = self.drop(h) * (items > 0).unsqueeze(-1)
         out = self.long_encoder(h, items)
         if self.user_emb is not None:

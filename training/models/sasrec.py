@@ -26,6 +26,9 @@ class SASRecConfig:
     dropout: float = 0.5
     attn_dropout: float = 0.5
     max_len: int | None = None  # defaults to data.max_len
+    # "pre": pre-LN blocks, sqrt(d)-scaled item embeddings (original SASRec code);
+    # "post": post-LN blocks, LayerNorm on item + position embeddings (RecBole's SASRec).
+    norm: str = "pre"
 
     def build(self, info: DataInfo) -> SASRec:
         return SASRec(self, info.num_items, self.max_len or info.max_len)
@@ -38,7 +41,9 @@ class SASRec(SequenceRecommender):
         self.item_emb = nn.Embedding(num_items + 1, cfg.hidden, padding_idx=0)
         self.pos_emb = nn.Embedding(max_len, cfg.hidden)
         self.drop = nn.Dropout(cfg.dropout)
-        self.encoder = CausalEncoder(cfg.hidden, cfg.layers, cfg.heads, cfg.inner, cfg.dropout, cfg.attn_dropout)
+        self.emb_norm = nn.LayerNorm(cfg.hidden) if cfg.norm == "post" else None
+        self.encoder = CausalEncoder(cfg.hidden, cfg.layers, cfg.heads, cfg.inner, cfg.dropout, cfg.attn_dropout,
+                                     cfg.norm)
         init_weights(self)
 
     def forward(self, items: torch.Tensor, times: torch.Tensor, users: torch.Tensor,
@@ -47,7 +52,10 @@ class SASRec(SequenceRecommender):
         n = items.shape[1]
         # Positions count back from the newest event (inputs are left padded), so slot L-1 = latest.
         pos = torch.arange(self.max_len - n, self.max_len, device=items.device)
-        x = self.item_emb(items) * math.sqrt(self.cfg.hidden) + self.pos_emb(pos)
+        if self.emb_norm is None:
+            x = self.item_emb(items) * math.sqrt(self.cfg.hidden) + self.pos_emb(pos)
+        else:
+            x = self.emb_norm(self.item_emb(items) + self.pos_emb(pos))
         x = self.drop(x) * (items > 0).unsqueeze(-1)
         return self.encoder(x, items)
 
