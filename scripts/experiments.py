@@ -15,9 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +52,8 @@ COLUMNS = {
 }
 
 
-def run_one(name: str, overrides: list[str], seed: int, out: Path, extra: list[str]) -> dict | None:
+def run_one(name: str, overrides: list[str], seed: int, out: Path, extra: list[str],
+            threads: int | None = None) -> dict | None:
     run_dir = out / name.replace(" ", "_").replace("(", "").replace(")", "") / f"seed{seed}"
     metrics = run_dir / "metrics.json"
     if metrics.exists():
@@ -59,7 +62,10 @@ def run_one(name: str, overrides: list[str], seed: int, out: Path, extra: list[s
            "trainer.enable_progress_bar=false"]
     print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed}: {' '.join(cmd[2:])}", flush=True)
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    env = dict(os.environ)
+    if threads:  # parallel runs split the cores; PASSIVE stops idle OpenMP threads spinning on them
+        env.update(OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY=env.get("OMP_WAIT_POLICY", "PASSIVE"))
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "stdout.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
@@ -137,16 +143,21 @@ def main() -> None:
     ap.add_argument("--extra", nargs="*", default=[], help="overrides added to every run")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="runs at once; each gets cores/jobs threads (small models use threads poorly)")
     args = ap.parse_args()
     out = args.out or ROOT / "outputs" / "experiments" / args.suite
     configs = {k: v for k, v in SUITES[args.suite].items() if not args.only or k in args.only}
     extra = SUITE_EXTRA.get(args.suite, []) + args.extra
+    # seed-major, so a partial suite already covers every configuration
+    todo = [(name, overrides, seed) for seed in args.seeds for name, overrides in configs.items()]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        done = list(pool.map(lambda t: (t[0], run_one(t[0], t[1], t[2], out, extra, threads)), todo))
     results: dict[str, list[dict]] = {}
-    for seed in args.seeds:  # seed-major, so a partial suite already covers every configuration
-        for name, overrides in configs.items():
-            r = run_one(name, overrides, seed, out, extra)
-            if r is not None:
-                results.setdefault(name, []).append(r)
+    for name, r in done:
+        if r is not None:
+            results.setdefault(name, []).append(r)
     results = {k: results[k] for k in configs if k in results}
     text = table(args.suite, results, args.seeds, args.extra)
     print(text)

@@ -19,6 +19,7 @@ def _batch(seed=0, b=4, n=8):
 
 
 @pytest.mark.parametrize("cfg", [SASRecConfig(hidden=16, heads=2, inner=32), SASRecConfig(hidden=16, heads=2, inner=32, norm="post"),
+                                 SASRecConfig(hidden=16, heads=2, inner=32, positions="absolute"),
                                  GRU4RecConfig(embedding=16, hidden=24)])
 def test_shapes_and_causality(cfg):
     torch.manual_seed(0)
@@ -143,3 +144,10 @@ def test_lsti_session_window_drops_events_before_the_gap():
     _, valid = model._short_windows(items, times)
     assert valid[0, -1].tolist() == [False, True, True, True]  # event at t=1 is before the 99 s gap
     assert valid[0, 1].tolist() == [False, False, True, True]
+
+
+def test_bad_sasrec_options_are_named():
+    with pytest.raises(ValueError, match="model.positions"):
+        SASRecConfig(positions="middle")
+    with pytest.raises(ValueError, match="norm"):
+        SASRecConfig(norm="sandwich").build(INFO)

@@ -29,6 +29,13 @@ class SASRecConfig:
     # "pre": pre-LN blocks, sqrt(d)-scaled item embeddings (original SASRec code);
     # "post": post-LN blocks, LayerNorm on item + position embeddings (RecBole's SASRec).
     norm: str = "pre"
+    # "recent": positions count back from the newest event (the latest item always has the same slot);
+    # "absolute": positions count from the oldest event in the window (RecBole's convention).
+    positions: str = "recent"
+
+    def __post_init__(self) -> None:
+        if self.positions not in ("recent", "absolute"):
+            raise ValueError(f"model.positions={self.positions!r}: use 'recent' or 'absolute'.")
 
     def build(self, info: DataInfo) -> SASRec:
         return SASRec(self, info.num_items, self.max_len or info.max_len)
@@ -51,7 +58,10 @@ class SASRec(SequenceRecommender):
         items = items[:, -self.max_len:]
         n = items.shape[1]
         # Positions count back from the newest event (inputs are left padded), so slot L-1 = latest.
-        pos = torch.arange(self.max_len - n, self.max_len, device=items.device)
+        if self.cfg.positions == "absolute":  # count from the oldest non-padding event (inputs are left padded)
+            pos = ((items > 0).cumsum(1) - 1).clamp_min(0)
+        else:
+            pos = torch.arange(self.max_len - n, self.max_len, device=items.device)
         if self.emb_norm is None:
             x = self.item_emb(items) * math.sqrt(self.cfg.hidden) + self.pos_emb(pos)
         else:
