@@ -213,7 +213,8 @@ def build_module(spec: dict, num_users: int | None = None, item_counts: torch.Te
         _check_catalogue(spec, hp["info"])
         global_users = int(hp["info"]["num_users"])
         info = dict(hp["info"], num_users=num_users or global_users)
-        tensors = {"item_counts": base.item_counts if item_counts is None else item_counts}
+        tensors = {"item_counts": base.item_counts if item_counts is None else item_counts,
+                   "train_items": base.item_counts > 0}  # the global training catalogue, not the client's
         if getattr(base.model, "item_text", None) is not None:
             tensors["item_text"] = base.model.item_text
         module = LitRecommender(model=hp["model"], info=info, optim=spec["optim"] or hp.get("optim"),

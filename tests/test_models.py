@@ -151,3 +151,22 @@ def test_bad_sasrec_options_are_named():
         SASRecConfig(positions="middle")
     with pytest.raises(ValueError, match="norm"):
         SASRecConfig(norm="sandwich").build(INFO)
+
+
+def test_unseen_items_stay_out_of_the_training_softmax_and_negatives():
+    torch.manual_seed(0)
+    states, table = torch.randn(6, 8), torch.randn(31, 8)
+    targets = torch.tensor([1, 2, 3, 4, 5, 6])
+    mask = torch.ones(31, dtype=torch.bool)
+    mask[0] = False
+    mask[20:] = False  # items 20..30 never occur in training
+    cfg = LossConfig(name="ce")
+    restricted = recommendation_loss(states, targets, table, cfg, item_mask=mask)
+    reference = torch.nn.functional.cross_entropy(states @ table[:20].T, targets)  # softmax over items 0..19 ...
+    logits = states @ table[:20].T
+    logits[:, 0] = float("-inf")  # ... without the padding row
+    assert torch.allclose(restricted, torch.nn.functional.cross_entropy(logits, targets), atol=1e-6)
+    assert not torch.allclose(restricted, reference)
+    assert recommendation_loss(states, targets, table, cfg) > restricted  # more items compete without the mask
+    probs = negative_distribution(LossConfig(name="sampled"), torch.arange(31), 30, mask)
+    assert probs[20:].sum() == 0 and probs[0] == 0 and torch.isclose(probs.sum(), torch.tensor(1.0))

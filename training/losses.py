@@ -24,6 +24,11 @@ class LossConfig:
     popularity_alpha: float = 0.75
     logq: bool = True
     temperature: float = 1.0
+    # Items with no training interaction (held-out cold items, items seen only as valid/test targets) are not
+    # in the training catalogue: out of the softmax and never drawn as negatives. A live system could not
+    # have trained against items that did not exist yet, and as ever-negative items the model would learn
+    # to bury them, which defeats text-based cold-start.
+    exclude_unseen: bool = True
 
     def __post_init__(self) -> None:
         if self.name not in ("ce", "sampled", "bce"):
@@ -36,8 +41,16 @@ class LossConfig:
             raise ValueError(f"loss.temperature={self.temperature} must be > 0.")
 
 
-def negative_distribution(cfg: LossConfig, item_counts: torch.Tensor | None, num_items: int) -> torch.Tensor:
-    """Sampling probabilities over items 0..N (padding has probability 0)."""
+def negative_distribution(cfg: LossConfig, item_counts: torch.Tensor | None, num_items: int,
+                          item_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Sampling probabilities over items 0..N (padding, and items outside `item_mask`, have probability 0)."""
+    p = _negative_weights(cfg, item_counts, num_items)
+    if item_mask is not None and bool(item_mask[1:].any()):
+        p = p * item_mask.to(p.dtype)
+    return p / p.sum()
+
+
+def _negative_weights(cfg: LossConfig, item_counts: torch.Tensor | None, num_items: int) -> torch.Tensor:
     if cfg.sampler == "popularity" and item_counts is not None:
         p = item_counts.to(torch.float64).clamp_min(0) ** cfg.popularity_alpha
         p[0] = 0
@@ -55,10 +68,16 @@ def recommendation_loss(
     cfg: LossConfig,
     neg_probs: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    item_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Mean loss over positions with a target; states [M, D], targets [M] (all > 0), table [N+1, D]."""
+    """Mean loss over positions with a target; states [M, D], targets [M] (all > 0), table [N+1, D].
+
+    `item_mask` [N+1] bool: the items full softmax may score (the training catalogue); sampled losses take
+    the same restriction through `neg_probs` (zero outside it)."""
     if cfg.name == "ce":
         logits = (states @ item_table.T).float() / cfg.temperature
+        if item_mask is not None:
+            logits = logits.masked_fill(~item_mask.to(logits.device), float("-inf"))
         logits[:, 0] = float("-inf")
         return F.cross_entropy(logits, targets)
     if neg_probs is None:

@@ -139,8 +139,14 @@ class LitRecommender(L.LightningModule):
         self.model = build_model(model, data_info)
         self.optim_cfg, self.loss_cfg, self.eval_cfg = OptimConfig(**optim), LossConfig(**loss), EvalConfig(**evaluation)
         self.register_buffer("item_counts", data_info.item_counts.to(torch.int64).clone(), persistent=True)
-        self.register_buffer("neg_probs", negative_distribution(self.loss_cfg, data_info.item_counts, info["num_items"]),
+        # The training catalogue (LossConfig.exclude_unseen): given by the caller (training.train: items with a
+        # training interaction in the whole data set), never inferred here, since a federated client's own
+        # counts cover only its users' items. Not saved: only training uses it.
+        train_items = tensors.get("train_items") if self.loss_cfg.exclude_unseen else None
+        self.register_buffer("train_items", None if train_items is None else train_items.to(torch.bool).clone(),
                              persistent=False)
+        self.register_buffer("neg_probs", negative_distribution(self.loss_cfg, data_info.item_counts, info["num_items"],
+                                                                self.train_items), persistent=False)
         self._eval_outputs: list[dict] = []
         self._eval_table: torch.Tensor | None = None
         self._t_last = None
@@ -158,7 +164,7 @@ class LitRecommender(L.LightningModule):
             states = self.model(batch["items"], batch["times"], batch["users"], query_times=batch["target_times"],
                                 item_table=item_table)
             loss = recommendation_loss(states[has_target], batch["targets"][has_target], item_table, self.loss_cfg,
-                                       self.neg_probs)
+                                       self.neg_probs, item_mask=self.train_items)
         n_seq = batch["items"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=n_seq)
         now = time.perf_counter()
@@ -180,7 +186,10 @@ class LitRecommender(L.LightningModule):
         parts = [items.flatten(), targets.flatten()]
         k = int(getattr(self.model.cfg, "lora_negatives", 0))
         if k:
-            parts.append(torch.randint(1, n + 1, (k,), device=items.device))
+            negatives = torch.randint(1, n + 1, (k,), device=items.device)
+            if self.train_items is not None:
+                negatives = negatives[self.train_items[negatives]]
+            parts.append(negatives)
         candidates = torch.unique(torch.cat(parts))  # sorted
         candidates = candidates[candidates > 0]
         reps = self.model.candidate_table(candidates)

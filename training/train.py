@@ -41,7 +41,7 @@ def build_datamodule(cfg: DictConfig):
 def item_tensors(cfg: DictConfig, dm) -> tuple[dict, dict]:
     """Item-side tensors the model needs (popularity, text embeddings) and the info scalars."""
     info = dm.info
-    tensors = {"item_counts": info.item_counts}
+    tensors = {"item_counts": info.item_counts, "train_items": info.item_counts > 0}
     text_cfg = cfg.model.get("text")
     model_cfg = instantiate({k: v for k, v in cfg.model.items() if k != "text"}, _convert_="all")
     if text_cfg is not None and getattr(model_cfg, "needs_text", False):
