@@ -104,7 +104,7 @@ def _lsti_info():
 @pytest.mark.parametrize("overrides", [
     {}, {"fusion": "id"}, {"fusion": "text", "adapter": "mlp"}, {"combine": "sum"}, {"use_short": False},
     {"use_long": False}, {"user_fusion": "concat"}, {"session_gap": 50.0, "short_rnn": "lstm"},
-    {"user_embedding": True, "use_time": False}, {"norm": "post"},
+    {"user_embedding": True, "use_time": False}, {"norm": "post"}, {"norm": "post", "ff_dropout": "output"},
 ])
 def test_lsti_variants_are_causal(overrides):
     from training.models.lsti import LSTIConfig
@@ -151,6 +151,23 @@ def test_bad_sasrec_options_are_named():
         SASRecConfig(positions="middle")
     with pytest.raises(ValueError, match="norm"):
         SASRecConfig(norm="sandwich").build(INFO)
+    with pytest.raises(ValueError, match="model.ff_dropout"):
+        SASRecConfig(ff_dropout="everywhere")
+
+
+def test_ff_dropout_output_drops_only_after_the_feed_forward():
+    """RecBole's block (`ff_dropout=output`) leaves the inner activation alone; Kang's (`inner`) drops it."""
+    from training.models.layers import FeedForward
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 16)
+    for inner_dropout, expect_zeros in ((True, True), (False, False)):
+        ff = FeedForward(16, 32, dropout=0.5, inner_dropout=inner_dropout).train()
+        activation = ff.net[1](ff.net[0](x))  # what reaches the inner dropout
+        dropped = ff.net[2](activation)
+        assert bool((dropped == 0).sum() > (activation == 0).sum() + 100) is expect_zeros
+    model = SASRecConfig(hidden=16, heads=2, inner=32, norm="post", ff_dropout="output").build(INFO)
+    assert all(block.ff.net[2].p == 0.0 for block in model.encoder.blocks)
 
 
 def test_unseen_items_stay_out_of_the_training_softmax_and_negatives():

@@ -10,9 +10,13 @@ from torch import nn
 
 
 class FeedForward(nn.Module):
-    def __init__(self, hidden: int, inner: int, dropout: float):
+    """Position-wise MLP. `inner_dropout` also drops the inner activation (Kang & McAuley's SASRec);
+    RecBole's block drops only the output (the caller's residual dropout)."""
+
+    def __init__(self, hidden: int, inner: int, dropout: float, inner_dropout: bool = True):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(hidden, inner), nn.GELU(), nn.Dropout(dropout), nn.Linear(inner, hidden))
+        self.net = nn.Sequential(nn.Linear(hidden, inner), nn.GELU(),
+                                 nn.Dropout(dropout if inner_dropout else 0.0), nn.Linear(inner, hidden))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -26,17 +30,19 @@ class CausalBlock(nn.Module):
     """
 
     def __init__(self, hidden: int, heads: int, inner: int, dropout: float, attn_dropout: float,
-                 norm: str = "pre"):
+                 norm: str = "pre", ff_dropout: str = "inner"):
         super().__init__()
         if hidden % heads:
             raise ValueError(f"model hidden={hidden} must be divisible by heads={heads}.")
         if norm not in ("pre", "post"):
             raise ValueError(f"model norm={norm!r}: use 'pre' or 'post'.")
+        if ff_dropout not in ("inner", "output"):
+            raise ValueError(f"model ff_dropout={ff_dropout!r}: use 'inner' or 'output'.")
         self.heads, self.attn_dropout, self.post_norm = heads, attn_dropout, norm == "post"
         self.norm1, self.norm2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.out = nn.Linear(hidden, hidden)
-        self.ff = FeedForward(hidden, inner, dropout)
+        self.ff = FeedForward(hidden, inner, dropout, inner_dropout=ff_dropout == "inner")
         self.drop = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
@@ -73,9 +79,9 @@ class CausalEncoder(nn.Module):
     """
 
     def __init__(self, hidden: int, layers: int, heads: int, inner: int, dropout: float, attn_dropout: float,
-                 norm: str = "pre"):
+                 norm: str = "pre", ff_dropout: str = "inner"):
         super().__init__()
-        self.blocks = nn.ModuleList(CausalBlock(hidden, heads, inner, dropout, attn_dropout, norm)
+        self.blocks = nn.ModuleList(CausalBlock(hidden, heads, inner, dropout, attn_dropout, norm, ff_dropout)
                                     for _ in range(layers))
         self.norm = nn.LayerNorm(hidden) if norm == "pre" else nn.Identity()
 

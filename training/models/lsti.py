@@ -59,6 +59,7 @@ class LSTIConfig:
     dropout: float = 0.5
     attn_dropout: float = 0.5
     norm: str = "pre"              # pre | post (as SASRecConfig.norm: post-LN + embedding LayerNorm)
+    ff_dropout: str = "inner"      # inner | output (as SASRecConfig.ff_dropout)
     time_buckets: int = 32
     use_time: bool = True
     user_embedding: bool = False
@@ -91,6 +92,7 @@ class LSTIConfig:
             "user_fusion": (self.user_fusion, ("gate", "concat")),
             "text_mode": (self.text_mode, ("frozen", "lora")),
             "norm": (self.norm, ("pre", "post")),
+            "ff_dropout": (self.ff_dropout, ("inner", "output")),
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:
@@ -207,7 +209,7 @@ class LSTI(SequenceRecommender):
             self.time_emb = TimeIntervalEmbedding(d, cfg.time_buckets) if cfg.use_time else None
             self.emb_norm = nn.LayerNorm(d) if cfg.norm == "post" else None
             self.long_encoder = CausalEncoder(d, cfg.layers, cfg.heads, cfg.inner, cfg.dropout, cfg.attn_dropout,
-                                              cfg.norm)
+                                              cfg.norm, cfg.ff_dropout)
             self.user_emb = nn.Embedding(info.num_users, d) if cfg.user_embedding else None
         if cfg.use_short:
             rnn = nn.GRU if cfg.short_rnn == "gru" else nn.LSTM

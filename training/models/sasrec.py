@@ -32,10 +32,15 @@ class SASRecConfig:
     # "recent": positions count back from the newest event (the latest item always has the same slot);
     # "absolute": positions count from the oldest event in the window (RecBole's convention).
     positions: str = "recent"
+    # "inner": dropout on the feed-forward's inner activation too (original SASRec code);
+    # "output": only on its output, before the residual sum (RecBole's SASRec).
+    ff_dropout: str = "inner"
 
     def __post_init__(self) -> None:
         if self.positions not in ("recent", "absolute"):
             raise ValueError(f"model.positions={self.positions!r}: use 'recent' or 'absolute'.")
+        if self.ff_dropout not in ("inner", "output"):
+            raise ValueError(f"model.ff_dropout={self.ff_dropout!r}: use 'inner' or 'output'.")
 
     def build(self, info: DataInfo) -> SASRec:
         return SASRec(self, info.num_items, self.max_len or info.max_len)
@@ -50,7 +55,7 @@ class SASRec(SequenceRecommender):
         self.drop = nn.Dropout(cfg.dropout)
         self.emb_norm = nn.LayerNorm(cfg.hidden) if cfg.norm == "post" else None
         self.encoder = CausalEncoder(cfg.hidden, cfg.layers, cfg.heads, cfg.inner, cfg.dropout, cfg.attn_dropout,
-                                     cfg.norm)
+                                     cfg.norm, cfg.ff_dropout)
         init_weights(self)
 
     def forward(self, items: torch.Tensor, times: torch.Tensor, users: torch.Tensor,
