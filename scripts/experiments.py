@@ -3,6 +3,7 @@
     python scripts/experiments.py ablations --seeds 1 2 3          # full model vs ablations vs SASRec
     python scripts/experiments.py coldstart --seeds 1 2 3          # 10% items held out, per fusion mode
     python scripts/experiments.py ablations --only sasrec lsti --extra trainer.max_epochs=50
+    python scripts/experiments.py ablations --report-only   # tabulate what has finished, start nothing
 
 Each run is `python -m training.train <overrides> seed=<s>` in its own directory under `--out`
 (default outputs/experiments/<suite>); a finished run (metrics.json present) is reused, so an
@@ -53,11 +54,13 @@ COLUMNS = {
 
 
 def run_one(name: str, overrides: list[str], seed: int, out: Path, extra: list[str],
-            threads: int | None = None) -> dict | None:
+            threads: int | None = None, report_only: bool = False) -> dict | None:
     run_dir = out / name.replace(" ", "_").replace("(", "").replace(")", "") / f"seed{seed}"
     metrics = run_dir / "metrics.json"
     if metrics.exists():
         return json.loads(metrics.read_text())
+    if report_only:
+        return None
     cmd = [sys.executable, "-m", "training.train", *overrides, *extra, f"seed={seed}", f"hydra.run.dir={run_dir}",
            "trainer.enable_progress_bar=false"]
     print(f"[{time.strftime('%H:%M:%S')}] {name} seed {seed}: {' '.join(cmd[2:])}", flush=True)
@@ -95,7 +98,12 @@ def table(suite: str, results: dict[str, list[dict]], seeds: list[int], extra: l
         cells = []
         for c in cols:
             m, sd = mean_std([r.get(c) for r in runs])
-            cells.append(f"{m:.0f}" if c.endswith("count") else f"{m:.4f} ± {sd:.4f}")
+            if math.isnan(m):
+                cells.append("-")  # e.g. an empty slice
+            elif c.endswith("count"):
+                cells.append(f"{m:.0f}")
+            else:  # one run has no spread to show
+                cells.append(f"{m:.4f} ± {sd:.4f}" if len(runs) > 1 else f"{m:.4f}")
         ep, _ = mean_std([r.get("epochs") for r in runs])
         wall, _ = mean_std([r.get("wall_s") for r in runs])
         lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + f" | {ep:.0f} | {wall:.0f} |")
@@ -143,6 +151,8 @@ def main() -> None:
     ap.add_argument("--extra", nargs="*", default=[], help="overrides added to every run")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
+    ap.add_argument("--report-only", action="store_true",
+                    help="start nothing: tabulate the finished runs (the runs column says how many seeds each has)")
     ap.add_argument("--jobs", type=int, default=1,
                     help="runs at once; each gets cores/jobs threads (small models use threads poorly)")
     args = ap.parse_args()
@@ -153,7 +163,8 @@ def main() -> None:
     todo = [(name, overrides, seed) for seed in args.seeds for name, overrides in configs.items()]
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        done = list(pool.map(lambda t: (t[0], run_one(t[0], t[1], t[2], out, extra, threads)), todo))
+        done = list(pool.map(lambda t: (t[0], run_one(t[0], t[1], t[2], out, extra, threads,
+                                                                args.report_only)), todo))
     results: dict[str, list[dict]] = {}
     for name, r in done:
         if r is not None:
