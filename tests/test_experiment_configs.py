@@ -1,0 +1,22 @@
+"""Every conf/experiment/*.yaml composes with conf/train.yaml and sets what its header promises."""
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+@pytest.mark.parametrize("name", sorted(p.stem for p in (CONF / "experiment").glob("*.yaml")))
+def test_experiment_composes(name):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=[f"experiment={name}"])
+    assert cfg.model._target_ and cfg.data._target_
+
+
+def test_sasrec_recbole_is_the_per_prefix_regime():
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["experiment=sasrec_recbole"])
+    assert cfg.data.train_stride == 1 and cfg.optim.lr == 0.001 and cfg.optim.warmup_steps == 0
+    assert cfg.model._target_.endswith("SASRecConfig")
