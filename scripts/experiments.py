@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SUITES: dict[str, dict[str, list[str]]] = {
     "ablations": {
         "sasrec": ["model=sasrec"],
+        "sasrec_ff_inner": ["model=sasrec", "model.ff_dropout=inner"],
         "lsti": ["model=lsti"],
         "lsti_no_text": ["model=lsti_no_text"],
         "lsti_text_only": ["model=lsti_text_only"],
