@@ -44,7 +44,7 @@ from federated import privacy, task
 log = logging.getLogger("federated.server")
 
 CONF_DIR = Path(__file__).resolve().parents[1] / "conf"
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedyogi")
 HEADLINE = ("ndcg@10", "hr@10", "mrr@10", "ndcg@20", "hr@20")
 
 
@@ -145,6 +145,9 @@ def build_strategy(fed: DictConfig, dp: privacy.DPSettings, num_clients: int):
                   weighted_by_key="unit-weight" if (dp.central or not s.weighted) else "num-examples")
     if name == "fedavg":
         base = fl_strategy.FedAvg(**common)
+    elif name == "fedavgm":  # server SGD with momentum on the averaged update (Hsu et al., 2019)
+        base = fl_strategy.FedAvgM(**common, server_learning_rate=float(s.server_lr),
+                                   server_momentum=float(s.server_momentum))
     elif name == "fedprox":
         base = fl_strategy.FedProx(**common, proximal_mu=float(s.proximal_mu))
     else:
@@ -163,18 +166,27 @@ def _base(strategy):
     return getattr(strategy, "strategy", strategy)
 
 
-_OPT_STATE = ("m_t", "v_t")
+_OPT_STATE = ("m_t", "v_t", "momentum_vector")  # FedAdam/FedYogi moments (dicts), FedAvgM momentum (a list)
 
 
 def strategy_state(strategy) -> dict[str, dict[str, np.ndarray]]:
+    """The server optimiser's state as {attribute: {name: array}} (lists keyed by position)."""
     base = _base(strategy)
-    return {k: dict(getattr(base, k)) for k in _OPT_STATE if getattr(base, k, None)}
+    state = {}
+    for k in _OPT_STATE:
+        value = getattr(base, k, None)
+        if value:
+            state[k] = dict(value) if isinstance(value, dict) else {str(i): a for i, a in enumerate(value)}
+    return state
 
 
 def load_strategy_state(strategy, state: dict) -> None:
     base = _base(strategy)
     for k, v in state.items():
-        setattr(base, k, {n: np.asarray(a) for n, a in v.items()})
+        if isinstance(getattr(base, k, None), dict) or k != "momentum_vector":
+            setattr(base, k, {n: np.asarray(a) for n, a in v.items()})
+        else:
+            setattr(base, k, [np.asarray(v[str(i)]) for i in range(len(v))])
 
 
 # ---------------------------------------------------------------------------------------------- records

@@ -292,7 +292,7 @@ def test_too_few_updates_keep_the_global_model(tmp_path):
     assert r[1]["test/ndcg@10"] == r[0]["test/ndcg@10"]
 
 
-@pytest.mark.parametrize("strategy", ["fedprox", "fedadam"])
+@pytest.mark.parametrize("strategy", ["fedprox", "fedadam", "fedavgm"])
 def test_other_strategies_run(tmp_path, strategy):
     cfg = compose(tmp_path, f"federated={strategy}", "federated.num_rounds=1", "federated.evaluation.federated=false")
     results, _ = run_inprocess(cfg)
@@ -374,3 +374,20 @@ def test_local_dp_mod_noises_updates(tmp_path):
         arrays = reply.content["arrays"]
         diff = np.concatenate([(arrays[k].numpy() - sent[k].numpy()).ravel() for k in sent.keys()])
         assert diff.std() == pytest.approx(std, rel=0.1)  # clipped update (norm <= 1) + N(0, std^2) noise
+
+
+def test_server_optimiser_state_round_trips_for_resume():
+    from federated import server_app
+
+    fed = OmegaConf.create({"strategy": {"name": "fedavgm", "fraction_train": 1.0, "fraction_evaluate": 1.0,
+                                         "min_train_clients": 2, "min_evaluate_clients": 2,
+                                         "min_available_clients": None, "weighted": True,
+                                         "server_lr": 1.0, "server_momentum": 0.9}})
+    dp = privacy.validate_dp({}, num_clients=4)
+    strategy = server_app.build_strategy(fed, dp, num_clients=4)
+    strategy.momentum_vector = [np.ones(3, dtype=np.float32), np.arange(4, dtype=np.float32)]
+    saved = server_app.strategy_state(strategy)
+    fresh = server_app.build_strategy(fed, dp, num_clients=4)
+    server_app.load_strategy_state(fresh, saved)
+    assert isinstance(fresh.momentum_vector, list)
+    assert all(np.array_equal(a, b) for a, b in zip(fresh.momentum_vector, strategy.momentum_vector, strict=True))
