@@ -163,7 +163,8 @@ def _client_data(spec_str: str, partition_id: int) -> ClientData:
     local = dm.prepare().subset_users(users)
     max_len = int(spec["data"].get("max_len", 50))
     try:
-        train = TrainWindows(local, max_len, spec["data"].get("train_stride"), spec["data"].get("train_windows", "all"))
+        train = TrainWindows(local, max_len, spec["data"].get("train_stride"), spec["data"].get("train_windows", "all"),
+                             bool(spec["data"].get("share_prefix_window", False)))
     except ValueError:
         train = None  # no user with two training events: this client can only evaluate
     num_targets = int(np.clip(local.train_end - 1, 0, None).sum())

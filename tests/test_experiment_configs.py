@@ -20,3 +20,12 @@ def test_sasrec_recbole_is_the_per_prefix_regime():
         cfg = compose(config_name="train", overrides=["experiment=sasrec_recbole"])
     assert cfg.data.train_stride == 1 and cfg.optim.lr == 0.001 and cfg.optim.warmup_steps == 0
     assert cfg.model._target_.endswith("SASRecConfig")
+
+
+def test_sasrec_prefix_shares_prefix_windows_with_absolute_positions():
+    """share_prefix_window equals per-prefix training only with positions counted from the oldest event."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = compose(config_name="train", overrides=["experiment=sasrec_prefix"])
+    assert cfg.data.train_stride == 1 and cfg.data.share_prefix_window
+    assert cfg.model.positions == "absolute" and cfg.model.norm == "post" and cfg.model.ff_dropout == "output"
+    assert list(cfg.optim.betas) == [0.9, 0.999] and cfg.optim.lr == 0.001

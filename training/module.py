@@ -161,9 +161,14 @@ class LitRecommender(L.LightningModule):
             loss = self._candidate_step(batch, has_target)
         else:
             item_table = self.model.item_table()
-            states = self.model(batch["items"], batch["times"], batch["users"], query_times=batch["target_times"],
-                                item_table=item_table)
-            loss = recommendation_loss(states[has_target], batch["targets"][has_target], item_table, self.loss_cfg,
+            inputs = (batch["items"], batch["times"], batch["users"])
+            if getattr(self.model, "supports_query_mask", False) and 2 * int(has_target.sum()) < has_target.numel():
+                # Few scored positions (per-prefix windows score one each): skip the last block elsewhere.
+                states = self.model(*inputs, query_times=batch["target_times"], item_table=item_table,
+                                    query_mask=has_target)
+            else:
+                states = self.model(*inputs, query_times=batch["target_times"], item_table=item_table)[has_target]
+            loss = recommendation_loss(states, batch["targets"][has_target], item_table, self.loss_cfg,
                                        self.neg_probs, item_mask=self.train_items)
         n_seq = batch["items"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=n_seq)

@@ -49,12 +49,18 @@ def window_indices(offsets: torch.Tensor, users: torch.Tensor, ends: torch.Tenso
     return idx.clamp_min(0), valid
 
 
-def training_windows(data: SequenceData, max_len: int, stride: int | None, mode: str) -> tuple:
+def training_windows(data: SequenceData, max_len: int, stride: int | None, mode: str,
+                     share_prefix: bool = False) -> tuple:
     """Training samples as (user, end, first_target_loss): every training target is covered once.
 
     A sample (u, e) feeds events [e-L, e) and predicts events [e-L+1, e]. Windows step back from the
     last training event by `stride`; each window only scores its newest `stride` targets (older ones
     belong to the previous window, where they have more context), except the oldest window.
+
+    `share_prefix`: the targets whose whole history fits in one window (events 1..L) are scored by one
+    window per user (end = L) instead of a window each. Their contexts are the same prefixes, so with
+    positions counted from the oldest event (SASRec `positions=absolute`) this equals per-prefix training
+    (`stride=1`, RecBole's regime) at a fraction of the forward passes; only targets beyond L need their own.
     """
     stride = max_len if stride is None else stride
     if not 0 < stride <= max_len:
@@ -68,24 +74,31 @@ def training_windows(data: SequenceData, max_len: int, stride: int | None, mode:
         return users, ends, np.maximum(ends - max_len + 1, 1)
     if mode != "all":
         raise DataError(f"data.train_windows={mode!r}: use 'all' or 'last'.")
-    counts = np.ceil(last[users] / stride).astype(np.int64)
+    floor = max_len if share_prefix else 0  # targets <= floor go to the per-user prefix window
+    counts = np.ceil(np.maximum(last[users] - floor, 0) / stride).astype(np.int64)
+    if share_prefix:
+        counts = counts + 1  # the prefix window, kept last in each user's run of samples
     sample_user = np.repeat(users, counts)
     k = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
     ends = last[sample_user] - k * stride
+    first_loss = np.maximum(ends - stride + 1, floor + 1)
     is_oldest = k == np.repeat(counts - 1, counts)
-    first_loss = np.where(is_oldest, 1, ends - stride + 1)
+    if share_prefix:
+        ends = np.where(is_oldest, np.minimum(last[sample_user], max_len), ends)
+    first_loss = np.where(is_oldest, 1, first_loss)
     return sample_user, ends, first_loss
 
 
 class TrainWindows(Dataset):
     """Indexed by a list of sample ids; returns a whole batch (no per-sample collation)."""
 
-    def __init__(self, data: SequenceData, max_len: int, stride: int | None = None, mode: str = "all"):
+    def __init__(self, data: SequenceData, max_len: int, stride: int | None = None, mode: str = "all",
+                 share_prefix: bool = False):
         self.max_len = max_len
         self.offsets = torch.from_numpy(data.offsets)
         self.items = torch.from_numpy(data.items)
         self.times = torch.from_numpy(data.times)
-        users, ends, first = training_windows(data, max_len, stride, mode)
+        users, ends, first = training_windows(data, max_len, stride, mode, share_prefix)
         self.users, self.ends, self.first = (torch.from_numpy(a) for a in (users, ends, first))
 
     def __len__(self) -> int:
@@ -266,6 +279,7 @@ class SeqDataModule(L.LightningDataModule):
         eval_batch_size: int = 512,
         train_stride: int | None = None,
         train_windows: str = "all",
+        share_prefix_window: bool = False,
         num_workers: int = 0,
         pin_memory: bool = False,
         seed: int = 42,
@@ -278,6 +292,7 @@ class SeqDataModule(L.LightningDataModule):
             raise DataError(f"data.max_len/batch_size/eval_batch_size must be >= 1, got {max_len}/{batch_size}/{eval_batch_size}.")
         self.max_len, self.batch_size, self.eval_batch_size = max_len, batch_size, eval_batch_size
         self.train_stride, self.train_windows = train_stride, train_windows
+        self.share_prefix_window = bool(share_prefix_window)
         self.num_workers, self.pin_memory, self.seed, self.use_cache = num_workers, pin_memory, seed, cache
         self.data: SequenceData | None = None
         self.items_frame = None  # raw item table (text fields), when the source has one
@@ -384,7 +399,8 @@ class SeqDataModule(L.LightningDataModule):
         return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader(TrainWindows(self.prepare(), self.max_len, self.train_stride, self.train_windows),
+        return self._loader(TrainWindows(self.prepare(), self.max_len, self.train_stride, self.train_windows,
+                                         self.share_prefix_window),
                             self.batch_size, True, "train")
 
     def val_dataloader(self) -> DataLoader:

@@ -11,9 +11,12 @@ class SequenceRecommender(nn.Module):
 
     `query_times` [B, L]: when each prediction is requested (models with time-aware fusion use it);
     `item_table`: a precomputed `item_table()` so a step computes item representations once.
+    Models with `supports_query_mask = True` also take `query_mask` [B, L] (bool) and then return only
+    those positions' states, [Q, D] = `forward(...)[query_mask]`, skipping work for the other positions.
     """
 
     num_items: int
+    supports_query_mask: bool = False
 
     def forward(self, items: torch.Tensor, times: torch.Tensor, users: torch.Tensor,
                 query_times: torch.Tensor | None = None, item_table: torch.Tensor | None = None) -> torch.Tensor:

@@ -14,7 +14,7 @@ from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from training.data.sequences import DataInfo
 from training.models.base import SequenceRecommender
-from training.models.layers import init_weights
+from training.models.layers import Dropout, init_weights
 
 
 @dataclass
@@ -50,7 +50,7 @@ class GRU4Rec(SequenceRecommender):
         super().__init__()
         self.cfg, self.num_items = cfg, num_items
         self.item_emb = nn.Embedding(num_items + 1, cfg.embedding, padding_idx=0)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.gru = nn.GRU(cfg.embedding, cfg.hidden, cfg.layers, batch_first=True, bias=False)
         self.proj = nn.Linear(cfg.hidden, cfg.embedding)
         init_weights(self)

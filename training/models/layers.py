@@ -9,6 +9,39 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """`F.dropout`, but on CPU drawn as `rand < keep` (3-4x faster there than the Bernoulli kernel).
+
+    Same distribution (each element kept with probability 1 - p, scaled by 1 / (1 - p)); CUDA and other
+    devices keep PyTorch's fused kernel.
+    """
+    if not training or p == 0.0:
+        return x
+    if x.device.type != "cpu" or p >= 1.0:
+        return F.dropout(x, p, True)
+    keep = torch.rand(x.shape, dtype=x.dtype, device=x.device) >= p
+    return x * keep.to(x.dtype) * (1.0 / (1.0 - p))
+
+
+class Dropout(nn.Dropout):
+    """nn.Dropout with the fast CPU path of `dropout` (same state dict, same semantics)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dropout(x, self.p, self.training)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, p: float,
+              training: bool) -> torch.Tensor:
+    """Scaled dot-product attention with a boolean mask (True = attend). SDPA's kernels, except when
+    training with attention dropout on CPU: SDPA then takes its math path with the slow Bernoulli
+    kernel, so the same math is written out here with `dropout`."""
+    if not training or p == 0.0 or q.device.type != "cpu":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p if training else 0.0)
+    scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return dropout(weights, p, True) @ v
+
+
 class FeedForward(nn.Module):
     """Position-wise MLP. `inner_dropout` also drops the inner activation (Kang & McAuley's SASRec);
     RecBole's block drops only the output (the caller's residual dropout)."""
@@ -16,7 +49,7 @@ class FeedForward(nn.Module):
     def __init__(self, hidden: int, inner: int, dropout: float, inner_dropout: bool = True):
         super().__init__()
         self.net = nn.Sequential(nn.Linear(hidden, inner), nn.GELU(),
-                                 nn.Dropout(dropout if inner_dropout else 0.0), nn.Linear(inner, hidden))
+                                 Dropout(dropout if inner_dropout else 0.0), nn.Linear(inner, hidden))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -43,7 +76,7 @@ class CausalBlock(nn.Module):
         self.qkv = nn.Linear(hidden, 3 * hidden)
         self.out = nn.Linear(hidden, hidden)
         self.ff = FeedForward(hidden, inner, dropout, inner_dropout=ff_dropout == "inner")
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
         if self.post_norm:
@@ -52,11 +85,42 @@ class CausalBlock(nn.Module):
         x = x + self.drop(self._attend(self.norm1(x), attn_mask))
         return x + self.drop(self.ff(self.norm2(x)))
 
+    def forward_queries(self, x: torch.Tensor, key_mask: torch.Tensor, rows: torch.Tensor,
+                        cols: torch.Tensor) -> torch.Tensor:
+        """The block's output at positions (rows, cols) only, [Q, D]: equal to `forward(x)[rows, cols]`.
+
+        Keys and values are still computed for every position, but queries, the output projection and the
+        feed-forward only for the Q requested positions: when a batch scores few positions (per-prefix
+        training scores one per window), the last block costs a fraction of a full one.
+        `key_mask` [B, L]: non-padding positions.
+        """
+        x_q = x[rows, cols]
+        h = self.norm1(x) if not self.post_norm else x
+        a = self._attend_queries(h, key_mask, rows, cols)
+        if self.post_norm:
+            x_q = self.norm1(x_q + self.drop(a))
+            return self.norm2(x_q + self.drop(self.ff(x_q)))
+        x_q = x_q + self.drop(a)
+        return x_q + self.drop(self.ff(self.norm2(x_q)))
+
+    def _attend_queries(self, h: torch.Tensor, key_mask: torch.Tensor, rows: torch.Tensor,
+                        cols: torch.Tensor) -> torch.Tensor:
+        b, n, d = h.shape
+        heads, dh = self.heads, d // self.heads
+        # One projection of every position (through the module, so ZeRO-3 gathers its weight as usual);
+        # each query then takes its own sequence's keys and values.
+        qkv = self.qkv(h).view(b, n, 3, heads, dh)
+        q = qkv[rows, cols, 0].unsqueeze(2)  # [Q, heads, 1, dh]
+        kv = qkv[rows, :, 1:].permute(2, 0, 3, 1, 4)  # [2, Q, heads, L, dh]
+        positions = torch.arange(n, device=h.device)
+        allowed = (key_mask[rows] & (positions <= cols.unsqueeze(1))) | (positions == cols.unsqueeze(1))
+        a = attention(q, kv[0], kv[1], allowed[:, None, None, :], self.attn_dropout, self.training)
+        return self.out(a.reshape(-1, d))
+
     def _attend(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
-                                           dropout_p=self.attn_dropout if self.training else 0.0)
+        a = attention(q, k, v, attn_mask, self.attn_dropout, self.training)
         return self.out(a.transpose(1, 2).reshape(b, n, d))
 
 
@@ -85,12 +149,21 @@ class CausalEncoder(nn.Module):
                                     for _ in range(layers))
         self.norm = nn.LayerNorm(hidden) if norm == "pre" else nn.Identity()
 
-    def forward(self, x: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, items: torch.Tensor, query_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """[B, L, D] states; with `query_mask` [B, L] only those positions' states, [Q, D] in row-major order
+        (`states[query_mask]`), computed without running the last block's queries elsewhere."""
         mask = causal_padding_mask(items)
         keep = (items > 0).unsqueeze(-1).to(x.dtype)
-        for block in self.blocks:
+        blocks = list(self.blocks)
+        if query_mask is None or not blocks:
+            for block in blocks:
+                x = block(x, mask) * keep
+            return self.norm(x) if query_mask is None else self.norm(x)[query_mask]
+        for block in blocks[:-1]:
             x = block(x, mask) * keep
-        return self.norm(x)
+        rows, cols = query_mask.nonzero(as_tuple=True)
+        x_q = blocks[-1].forward_queries(x, items > 0, rows, cols) * keep[rows, cols]
+        return self.norm(x_q)
 
 
 class TimeIntervalEmbedding(nn.Module):

@@ -38,7 +38,7 @@ from torch import nn
 from training.data.sequences import DataInfo
 from training.models.base import SequenceRecommender
 from training.models.gru4rec import left_to_right_padding, right_to_left_padding
-from training.models.layers import CausalEncoder, TimeIntervalEmbedding, init_weights
+from training.models.layers import CausalEncoder, Dropout, TimeIntervalEmbedding, init_weights
 
 
 @dataclass
@@ -139,7 +139,7 @@ class Whitening(nn.Module):
         super().__init__()
         self.bias = nn.Parameter(torch.zeros(dim_in))
         self.lin = nn.Linear(dim_in, dim_out, bias=False)
-        self.drop = nn.Dropout(dropout)
+        self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.lin(self.drop(x - self.bias))
@@ -203,7 +203,7 @@ class LSTI(SequenceRecommender):
         if cfg.uses_text:
             if cfg.fusion == "id+text" and cfg.combine == "gate":
                 self.item_gate = nn.Linear(2 * d, d)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         if cfg.use_long:
             self.pos_emb = nn.Embedding(self.long_len, d)
             self.time_emb = TimeIntervalEmbedding(d, cfg.time_buckets) if cfg.use_time else None

@@ -14,7 +14,7 @@ from torch import nn
 
 from training.data.sequences import DataInfo
 from training.models.base import SequenceRecommender
-from training.models.layers import CausalEncoder, init_weights
+from training.models.layers import CausalEncoder, Dropout, init_weights
 
 
 @dataclass
@@ -52,15 +52,20 @@ class SASRec(SequenceRecommender):
         self.cfg, self.num_items, self.max_len = cfg, num_items, max_len
         self.item_emb = nn.Embedding(num_items + 1, cfg.hidden, padding_idx=0)
         self.pos_emb = nn.Embedding(max_len, cfg.hidden)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.emb_norm = nn.LayerNorm(cfg.hidden) if cfg.norm == "post" else None
         self.encoder = CausalEncoder(cfg.hidden, cfg.layers, cfg.heads, cfg.inner, cfg.dropout, cfg.attn_dropout,
                                      cfg.norm, cfg.ff_dropout)
         init_weights(self)
 
+    supports_query_mask = True
+
     def forward(self, items: torch.Tensor, times: torch.Tensor, users: torch.Tensor,
-                query_times: torch.Tensor | None = None, item_table: torch.Tensor | None = None) -> torch.Tensor:
+                query_times: torch.Tensor | None = None, item_table: torch.Tensor | None = None,
+                query_mask: torch.Tensor | None = None) -> torch.Tensor:
         items = items[:, -self.max_len:]
+        if query_mask is not None:
+            query_mask = query_mask[:, -self.max_len:]
         n = items.shape[1]
         # Positions count back from the newest event (inputs are left padded), so slot L-1 = latest.
         if self.cfg.positions == "absolute":  # count from the oldest non-padding event (inputs are left padded)
@@ -72,7 +77,7 @@ class SASRec(SequenceRecommender):
         else:
             x = self.emb_norm(self.item_emb(items) + self.pos_emb(pos))
         x = self.drop(x) * (items > 0).unsqueeze(-1)
-        return self.encoder(x, items)
+        return self.encoder(x, items, query_mask)
 
     def item_table(self) -> torch.Tensor:
         return self.item_emb.weight

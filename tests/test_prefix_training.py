@@ -1,0 +1,118 @@
+"""Per-prefix training made cheap: shared prefix windows and last-block queries only where scored."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from training.data.datamodule import TrainWindows
+from training.data.errors import DataError
+from training.data.sequences import PreprocessConfig, build_sequences
+from training.data.synthetic import generate
+from training.models.sasrec import SASRecConfig
+
+
+@pytest.fixture(scope="module")
+def data():
+    synthetic = generate(num_users=40, num_items=60, mean_length=30, seed=3)
+    return build_sequences(synthetic.interactions, PreprocessConfig())
+
+
+def _scored(ds: TrainWindows) -> tuple[torch.Tensor, dict]:
+    """(user, target position) of every scored target, sorted, and the batch of all samples."""
+    b = ds[torch.arange(len(ds))]
+    idx = b["users"].unsqueeze(1).expand_as(b["targets"])
+    ends = ds.ends.unsqueeze(1)
+    pos = ends - ds.max_len + 1 + torch.arange(ds.max_len)  # event position each column predicts
+    keys = (idx * 10_000 + pos)[b["targets"] > 0]
+    return keys.sort().values, b
+
+
+@pytest.mark.parametrize("stride", [1, 3, 8])
+def test_shared_prefix_windows_cover_every_target_once(data, stride):
+    plain, _ = _scored(TrainWindows(data, max_len=8, stride=stride))
+    shared_ds = TrainWindows(data, max_len=8, stride=stride, share_prefix=True)
+    shared, b = _scored(shared_ds)
+    assert torch.equal(plain, shared)
+    assert int((b["targets"] > 0).sum()) == int(np.maximum(data.train_end - 1, 0).sum())
+    # One prefix window per user, and no window needed for a target inside it.
+    assert len(shared_ds) < len(TrainWindows(data, max_len=8, stride=stride)) or stride == 8
+    x, y = b["items"], b["targets"]
+    assert torch.equal(torch.where(y[:, :-1] > 0, x[:, 1:], 0), y[:, :-1])
+
+
+def test_stride_is_validated(data):
+    with pytest.raises(DataError, match="train_stride"):
+        TrainWindows(data, max_len=8, stride=9, share_prefix=True)
+
+
+def _model(norm: str, positions: str = "absolute"):
+    torch.manual_seed(0)
+    cfg = SASRecConfig(hidden=16, layers=2, heads=2, inner=32, dropout=0.0, attn_dropout=0.0, norm=norm,
+                       positions=positions, ff_dropout="output")
+    return cfg.build(type("Info", (), {"num_items": 60, "max_len": 8})()).eval()
+
+
+@pytest.mark.parametrize("norm", ["pre", "post"])
+def test_query_mask_states_equal_full_forward(data, norm):
+    model = _model(norm)
+    b = TrainWindows(data, max_len=8, stride=2)[torch.arange(30)]
+    mask = b["targets"] > 0
+    full = model(b["items"], b["times"], b["users"])[mask]
+    part = model(b["items"], b["times"], b["users"], query_mask=mask)
+    torch.testing.assert_close(part, full, rtol=1e-5, atol=1e-5)
+    # Gradients agree too (the cheap path is a training path).
+    g_full = torch.autograd.grad(full.square().sum(), list(model.parameters()), allow_unused=True)
+    g_part = torch.autograd.grad(model(b["items"], b["times"], b["users"], query_mask=mask).square().sum(),
+                                 list(model.parameters()), allow_unused=True)
+    for a, c in zip(g_full, g_part):
+        if a is not None:
+            torch.testing.assert_close(c, a, rtol=1e-4, atol=1e-6)
+
+
+def test_shared_prefix_window_equals_per_prefix_samples_with_absolute_positions(data):
+    """The point of share_prefix: each prefix target gets exactly the state its own window would give."""
+    model = _model("post", positions="absolute")
+    per_prefix = TrainWindows(data, max_len=8, stride=1)
+    shared = TrainWindows(data, max_len=8, stride=1, share_prefix=True)
+
+    def states_by_target(ds):
+        b = ds[torch.arange(len(ds))]
+        mask = b["targets"] > 0
+        states = model(b["items"], b["times"], b["users"], query_mask=mask)
+        pos = ds.ends.unsqueeze(1) - ds.max_len + 1 + torch.arange(ds.max_len)
+        keys = (b["users"].unsqueeze(1) * 10_000 + pos)[mask]
+        order = keys.argsort()
+        return keys[order], states[order]
+
+    k1, s1 = states_by_target(per_prefix)
+    k2, s2 = states_by_target(shared)
+    assert torch.equal(k1, k2)
+    torch.testing.assert_close(s2, s1, rtol=1e-5, atol=1e-5)
+    last = data.train_end[data.train_end >= 2] - 1
+    assert len(per_prefix) == last.sum()
+    assert len(shared) == np.maximum(last - 8, 0).sum() + last.shape[0]  # one window per target beyond 8
+
+
+def test_cpu_dropout_keeps_each_element_with_probability_1_minus_p():
+    from training.models.layers import dropout
+
+    torch.manual_seed(0)
+    x = torch.ones(200_000)
+    y = dropout(x, 0.3, training=True)
+    kept = y > 0
+    assert abs(kept.float().mean().item() - 0.7) < 0.005
+    torch.testing.assert_close(y[kept], torch.full_like(y[kept], 1 / 0.7))
+    assert torch.equal(dropout(x, 0.3, training=False), x)
+
+
+def test_cpu_attention_with_dropout_path_matches_sdpa_when_nothing_is_dropped():
+    from training.models.layers import attention
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 5, 4) for _ in range(3))
+    mask = torch.ones(5, 5, dtype=torch.bool).tril().expand(3, 1, 5, 5)
+    manual = attention(q, k, v, mask, p=1e-12, training=True)  # the written-out path, keeps everything
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(manual, ref, rtol=1e-5, atol=1e-6)
