@@ -88,8 +88,7 @@ def run_bench(cfg: DictConfig) -> dict:
     lit = LitRecommender(model=cfg.model, info=info, optim=cfg.optim, loss=cfg.loss, evaluation=cfg.evaluation,
                          item_tensors=tensors).to(device)
     lit.log = lambda *a, **k: None  # no Trainer: logging is a no-op here
-    optimizer = torch.optim.AdamW([p for p in lit.parameters() if p.requires_grad], lr=cfg.optim.lr,
-                                  betas=tuple(cfg.optim.betas), fused=cfg.optim.get("fused", None) is not False)
+    optimizer = lit.build_optimizer()  # the training optimiser (fused AdamW, or DenseSparseAdam)
     loader = dm.train_dataloader()
     steps_per_epoch = len(loader)
     result: dict = {"model": type(lit.model).__name__, "params": sum(p.numel() for p in lit.model.parameters()),

@@ -69,11 +69,17 @@ def recommendation_loss(
     neg_probs: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     item_mask: torch.Tensor | None = None,
+    sparse_rows: bool = False,
 ) -> torch.Tensor:
     """Mean loss over positions with a target; states [M, D], targets [M] (all > 0), table [N+1, D].
 
     `item_mask` [N+1] bool: the items full softmax may score (the training catalogue); sampled losses take
-    the same restriction through `neg_probs` (zero outside it)."""
+    the same restriction through `neg_probs` (zero outside it). `sparse_rows`: sampled losses look rows up
+    with row-sparse gradients (optim.sparse_item_grad)."""
+
+    def rows(ids: torch.Tensor) -> torch.Tensor:
+        return F.embedding(ids, item_table, sparse=sparse_rows)
+
     if cfg.name == "ce":
         logits = (states @ item_table.T).float() / cfg.temperature
         if item_mask is not None:
@@ -83,14 +89,14 @@ def recommendation_loss(
     if neg_probs is None:
         raise ValueError("sampled/bce losses need the negative sampling distribution.")
     probs = neg_probs.to(states.device)
-    pos = (states * item_table[targets]).sum(-1).float()
+    pos = (states * rows(targets)).sum(-1).float()
     if cfg.name == "bce":
         neg_ids = torch.multinomial(probs, targets.shape[0], replacement=True, generator=generator)
-        neg = (states * item_table[neg_ids]).sum(-1).float()
+        neg = (states * rows(neg_ids)).sum(-1).float()
         return F.binary_cross_entropy_with_logits(pos, torch.ones_like(pos)) + F.binary_cross_entropy_with_logits(
             neg, torch.zeros_like(neg))
     neg_ids = torch.multinomial(probs, cfg.num_negatives, replacement=True, generator=generator)
-    neg = (states @ item_table[neg_ids].T).float()
+    neg = (states @ rows(neg_ids).T).float()
     if cfg.logq:
         # Expected count of each item in the sample: subtracting its log corrects the sampling bias.
         pos = pos - torch.log(probs[targets] * cfg.num_negatives)

@@ -22,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 from training import metrics as M
 from training.data.sequences import DataInfo
 from training.losses import LossConfig, candidate_softmax_loss, negative_distribution, recommendation_loss
+from training.optim import DenseSparseAdam, sparse_grad_norm_clip_
 
 # Evaluation metrics are gathered and reduced exactly on every rank (`_gather`), so logging them without
 # sync_dist is right; silence Lightning's per-metric advice to sync them.
@@ -41,6 +42,10 @@ class OptimConfig:
     # Fused AdamW (one kernel over all parameters; ~6x faster steps on a 1M-item table on CPU).
     # null: on, except under DeepSpeed, which manages the optimiser's partitions itself.
     fused: bool | None = None
+    # Row-sparse gradients and a lazy Adam for the item table (training/optim.py): flat step time in the
+    # catalogue size with sampled softmax. Needs loss.name=sampled|bce, a plain item embedding (sasrec,
+    # gru4rec) and one process.
+    sparse_item_grad: bool = False
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -169,7 +174,8 @@ class LitRecommender(L.LightningModule):
             else:
                 states = self.model(*inputs, query_times=batch["target_times"], item_table=item_table)[has_target]
             loss = recommendation_loss(states, batch["targets"][has_target], item_table, self.loss_cfg,
-                                       self.neg_probs, item_mask=self.train_items)
+                                       self.neg_probs, item_mask=self.train_items,
+                                       sparse_rows=self.optim_cfg.sparse_item_grad)
         n_seq = batch["items"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=n_seq)
         now = time.perf_counter()
@@ -209,18 +215,27 @@ class LitRecommender(L.LightningModule):
         self._t_last = None
         self._epoch_started = time.perf_counter()
 
-    def configure_optimizers(self):
+    def build_optimizer(self, strategy_name: str = "", world_size: int = 1) -> torch.optim.Optimizer:
+        """AdamW over the trainable parameters (no decay on biases/norms), or DenseSparseAdam when
+        optim.sparse_item_grad is set. Also used without a Trainer (training.bench)."""
         cfg = self.optim_cfg
+        sparse_table = self._sparse_item_table(strategy_name, world_size) if cfg.sparse_item_grad else None
         decay, no_decay = [], []
         for name, p in self.named_parameters():
-            if not p.requires_grad:
+            if not p.requires_grad or p is sparse_table:
                 continue
             (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         fused = cfg.fused
         if fused is None:
-            fused = "DeepSpeed" not in type(self.trainer.strategy).__name__
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
+            fused = "DeepSpeed" not in strategy_name
+        if sparse_table is not None:
+            return DenseSparseAdam(groups, [sparse_table], lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=fused or None)
+
+    def configure_optimizers(self):
+        cfg = self.optim_cfg
+        optimizer = self.build_optimizer(type(self.trainer.strategy).__name__, int(self.trainer.world_size))
         total = max(int(self.trainer.estimated_stepping_batches), 1)
         warmup = cfg.warmup_steps or int(cfg.warmup_ratio * total)
 
@@ -234,6 +249,29 @@ class LitRecommender(L.LightningModule):
 
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _sparse_item_table(self, strategy_name: str, world_size: int) -> torch.nn.Parameter:
+        """Switch the item embedding to row-sparse gradients; refuse setups where that cannot work."""
+        emb = getattr(self.model, "item_emb", None)
+        if self.loss_cfg.name not in ("sampled", "bce"):
+            raise ValueError(f"optim.sparse_item_grad=true needs loss.name=sampled or bce (got {self.loss_cfg.name!r}): "
+                             "full softmax scores every item, so its gradient is dense anyway.")
+        if not isinstance(emb, torch.nn.Embedding) or self.model.item_table() is not emb.weight:
+            raise ValueError(f"optim.sparse_item_grad=true needs a model whose item table is a plain embedding "
+                             f"(sasrec, gru4rec); {type(self.model).__name__} computes its item representations.")
+        if world_size > 1 or "DeepSpeed" in strategy_name:
+            raise ValueError("optim.sparse_item_grad=true runs in a single process (strategy=single); "
+                             f"this run has {world_size} processes / {strategy_name}.")
+        emb.sparse = True
+        return emb.weight
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if isinstance(optimizer, DenseSparseAdam) and gradient_clip_val:
+            if gradient_clip_algorithm not in (None, "norm"):
+                raise ValueError("optim.sparse_item_grad=true supports gradient clipping by norm only.")
+            sparse_grad_norm_clip_([p for g in optimizer.param_groups for p in g["params"]], float(gradient_clip_val))
+            return
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     # ------------------------------------------------------------------ evaluation
     def _eval_start(self) -> None:
