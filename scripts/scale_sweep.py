@@ -48,7 +48,9 @@ class Grid:
     fixed_items: int
     items: tuple[int, ...]  # the item sweep, at fixed_interactions
     fixed_interactions: int
-    losses: tuple[str, ...] = ("ce", "sampled")
+    # ce: full softmax; sampled: sampled softmax + log-Q, dense item-table gradients and AdamW;
+    # sparse: the same loss with optim.sparse_item_grad=true (row-sparse gradients, lazy Adam on touched rows)
+    losses: tuple[str, ...] = ("ce", "sampled", "sparse")
 
 
 FULL = Grid((10**5, 10**6, 10**7), 10**4, (10**3, 10**4, 10**5, 10**6), 10**7)
@@ -168,8 +170,12 @@ def bench_subprocess(overrides: list[str], run_dir: Path, timeout: float) -> dic
 
 
 # ----------------------------------------------------------------------------------------------- the sweep
+LOSS_OVERRIDES = {"ce": ["loss.name=ce"], "sampled": ["loss.name=sampled"],
+                  "sparse": ["loss.name=sampled", "optim.sparse_item_grad=true"]}
+
+
 def bench_overrides(point: dict, steps: int, warmup: int) -> list[str]:
-    return [*data_overrides(point["target_interactions"], point["target_items"]), f"loss.name={point['loss']}",
+    return [*data_overrides(point["target_interactions"], point["target_items"]), *LOSS_OVERRIDES[point["loss"]],
             f"bench.steps={steps}", f"bench.warmup={warmup}", "bench.eval=false", "bench.write_doc=false"]
 
 
@@ -273,7 +279,9 @@ def plot(results: list[dict], out_dir: Path, title: str) -> list[Path]:
     import matplotlib.pyplot as plt
 
     styles = {"ce": dict(color="tab:red", marker="o", label="full softmax (ce)"),
-              "sampled": dict(color="tab:blue", marker="s", label="sampled softmax + log-Q (sampled)")}
+              "sampled": dict(color="tab:blue", marker="s", label="sampled softmax + log-Q (sampled)"),
+              "sparse": dict(color="tab:green", marker="^",
+                             label="sampled + row-sparse item grads (optim.sparse_item_grad)")}
     paths = []
     for sweep, xkey, panels, name in (
             ("interactions", _interactions, (("epoch_s", "time per epoch, s (step x steps/epoch)"),
@@ -310,7 +318,7 @@ def plot(results: list[dict], out_dir: Path, title: str) -> list[Path]:
 def reading(results: list[dict]) -> list[str]:
     """Generated one-line findings: how step time grows with the catalogue for each loss."""
     lines = []
-    for loss in ("sampled", "ce"):
+    for loss in ("sparse", "sampled", "ce"):
         pts = sorted((p for p in results if "items" in p["sweeps"] and p["loss"] == loss and "bench" in p), key=_items)
         big = [p for p in pts if _items(p) >= 10**4] or pts
         if len(big) >= 2:

@@ -43,12 +43,12 @@ def test_quick_sweep_records_skips_failures_and_replaces_its_section(tmp_path):
             "--mem-budget-gb", str(budget)]
     summary = sweep.main(argv, prepare_fn=_fake_prepare, bench_fn=_fake_bench)
     status = {(p["target_interactions"], p["target_items"], p["loss"]): p["status"] for p in summary["points"]}
-    assert len(status) == 6  # (3000, 100) is shared by both sweeps and runs once
+    assert len(status) == 9  # 3 (interactions, items) pairs x 3 losses: (3000, 100) is in both sweeps, runs once
     assert status[(3_000, 1_000, "ce")].startswith("not run: needs ~")
     assert status[(1_000, 100, "sampled")].startswith("failed: rc -9")
     assert status[(3_000, 100, "ce")] == "ok"
     saved = json.loads((tmp_path / "out" / "scale_sweep.json").read_text())
-    assert len(saved["points"]) == 6 and saved["load_before"]
+    assert len(saved["points"]) == 9 and saved["load_before"]
     for name in ("scale_interactions.png", "scale_items.png"):
         assert (tmp_path / "out" / name).stat().st_size > 1000
     sweep.main(argv, prepare_fn=_fake_prepare, bench_fn=_fake_bench)  # rerun: replaced, not appended
@@ -64,9 +64,13 @@ def test_sweep_overrides_are_valid_bench_configs_and_prepare_measures_the_data(t
     point = sweep.points(sweep.QUICK)[0]
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(config_name="bench", overrides=sweep.bench_overrides(point, 2, 1))
-    assert cfg.loss.name == point["loss"] and cfg.bench.write_doc is False and cfg.bench.eval is False
+    assert point["loss"] == "ce" and cfg.loss.name == "ce" and cfg.bench.write_doc is False and cfg.bench.eval is False
     assert cfg.data.source.synthetic.num_items == point["target_items"]
     info = sweep.prepare(sweep.data_overrides(point["target_interactions"], point["target_items"]))
     assert info["interactions"] == pytest.approx(point["target_interactions"], rel=0.3)
     assert 0 < info["max_targets"] <= info["positions"] and info["steps_per_epoch"] >= 1
     assert sweep.estimate_gb("ce", info) > 0 and sweep.estimate_gb("sampled", info) > 0
+    sparse = next(p for p in sweep.points(sweep.QUICK) if p["loss"] == "sparse")
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(config_name="bench", overrides=sweep.bench_overrides(sparse, 2, 1))
+    assert cfg.loss.name == "sampled" and cfg.optim.sparse_item_grad is True
