@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -63,6 +64,19 @@ def test_section_marks_timing_only_accuracy_as_not_converged():
     one_side["models"]["sasrec"] = {"ours": one_side["models"]["sasrec"]["ours"]}
     text = compare.render_section(one_side)
     assert "lsti (this repo) | SASRec" in text and "RecBole 1.2.1 |" not in text and "speed-up" not in text
+
+
+def test_section_names_our_overrides_and_render_rewrites_the_doc(tmp_path):
+    assert "ours: windows of 50 scored at every position, our defaults" in compare.render_section(_report(1))
+    report = _report(epoch_cap=2)
+    report["command"] = compare.command_line(["--epochs", "2", "--ours", "experiment=sasrec_prefix"])
+    assert "ours: our defaults with `experiment=sasrec_prefix`" in compare.render_section(report)  # old reports
+    report["ours_extra"] = ["optim.lr=0.002"]
+    path, doc = tmp_path / "compare.json", tmp_path / "benchmarks.md"
+    path.write_text(json.dumps(report))
+    doc.write_text("# Benchmarks\n")
+    compare.main(["--render", str(path), "--doc", str(doc)])
+    assert "ours: our defaults with `optim.lr=0.002`" in doc.read_text()
 
 
 def test_replace_section_appends_once_and_replaces_in_place():

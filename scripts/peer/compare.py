@@ -263,6 +263,17 @@ def result_row(framework: str, model: str, r: dict, converged: bool) -> str:
     return "| " + " | ".join(cells) + " |"
 
 
+def ours_recipe(report: dict) -> str:
+    """What our side trained with: the defaults, or the defaults plus the run's --ours overrides."""
+    extra = report.get("ours_extra")
+    if extra is None:  # reports written before the key existed: recover it from the command line
+        tokens = shlex.split(report.get("command", ""))
+        extra = [tokens[i + 1] for i, t in enumerate(tokens[:-1]) if t == "--ours"]
+    if not extra:
+        return "windows of 50 scored at every position, our defaults"
+    return "our defaults with `" + " ".join(extra) + "`"
+
+
 def render_section(report: dict) -> str:
     epochs = report["epoch_cap"]
     converged = epochs is None
@@ -276,8 +287,8 @@ def render_section(report: dict) -> str:
              "Protocol (ANCHORS.md): ml-100k atomic files from the recbole 1.2.1 wheel (the same files for both), "
              "all interactions, time-ordered leave-one-out, full ranking, seen items not filtered, window 50, "
              "full-softmax CE, batch 256, early stopping on valid NDCG@10 (RecBole stopping_step 10), seed 2020. "
-             "Each framework keeps its own training recipe (RecBole: every prefix a sample, lr 0.001; "
-             "ours: windows of 50 scored at every position, our defaults). s/epoch: median over epochs of the "
+             f"Each framework keeps its own training recipe (RecBole: every prefix a sample, lr 0.001; "
+             f"ours: {ours_recipe(report)}). s/epoch: median over epochs of the "
              "training part of an epoch (no validation); wall, CPU s and peak RSS of the whole process, measured "
              "from outside. Epochs are 0-based.", ""]
     if not converged:
@@ -329,6 +340,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--doc", default=str(ROOT / "docs" / "benchmarks.md"))
     p.add_argument("--no-doc", action="store_true", help="do not touch docs/benchmarks.md")
     p.add_argument("--no-setup", action="store_true", help="only check that the peer venv exists")
+    p.add_argument("--render", default=None, metavar="COMPARE_JSON",
+                   help="no runs: rewrite the doc section from a finished run's compare.json")
     p.add_argument("--cpu", action="store_true", help="both on CPU even if a GPU is visible")
     p.add_argument("--nice", type=int, default=0, help="run both under `nice -n N` (a shared machine)")
     p.add_argument("--ours", action="append", default=[], metavar="OVERRIDE",
@@ -354,6 +367,14 @@ def ensure_peer_venv(no_setup: bool) -> Path:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.render:  # re-render the doc section from a finished run's compare.json (no runs)
+        report = json.loads(Path(args.render).read_text())
+        section = render_section(report)
+        if not args.no_doc:
+            doc = Path(args.doc)
+            doc.write_text(replace_section(doc.read_text() if doc.exists() else "# Benchmarks\n", section))
+        print(section)
+        return report
     started = dt.datetime.now().strftime("%Y-%m-%d %H:%M")
     out_dir = Path(args.out_dir or ROOT / "outputs" / "peer" / dt.datetime.now().strftime("%Y-%m-%d_%H-%M-%S"))
     out_dir = out_dir.resolve()
@@ -368,7 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
     peer_python = ensure_peer_venv(args.no_setup) if args.only != "ours" else None
     env = dict(os.environ)
     report = {"started": started, "command": command_line(sys.argv[1:] if argv is None else argv),
-              "epoch_cap": args.epochs, "data_dir": str(data_dir), "out_dir": str(out_dir),
+              "epoch_cap": args.epochs, "ours_extra": list(args.ours), "data_dir": str(data_dir), "out_dir": str(out_dir),
               "machine": machine_description(), "load_start": os.getloadavg(), "models": {}}
     for model in args.models:
         entry: dict = {}
