@@ -29,4 +29,4 @@ def test_sasrec_prefix_shares_prefix_windows_with_absolute_positions():
     assert cfg.data.train_stride == 1 and cfg.data.share_prefix_window
     assert cfg.model.positions == "absolute" and cfg.model.norm == "post" and cfg.model.ff_dropout == "output"
     assert list(cfg.optim.betas) == [0.9, 0.999] and cfg.optim.lr == 0.001
-    assert cfg.trainer.gradient_clip_val is None
+    assert cfg.trainer.gradient_clip_val is None and cfg.callbacks.early_stopping.patience == 18
