@@ -183,10 +183,10 @@ def strategy_state(strategy) -> dict[str, dict[str, np.ndarray]]:
 def load_strategy_state(strategy, state: dict) -> None:
     base = _base(strategy)
     for k, v in state.items():
-        if isinstance(getattr(base, k, None), dict) or k != "momentum_vector":
-            setattr(base, k, {n: np.asarray(a) for n, a in v.items()})
-        else:
+        if k == "momentum_vector":  # FedAvgM keeps a list, saved keyed by position
             setattr(base, k, [np.asarray(v[str(i)]) for i in range(len(v))])
+        else:
+            setattr(base, k, {n: np.asarray(a) for n, a in v.items()})
 
 
 # ---------------------------------------------------------------------------------------------- records

@@ -77,13 +77,9 @@ class DenseSparseAdam(torch.optim.Optimizer):
         if set(state_dict) != {"dense", "sparse"}:
             raise ValueError("this checkpoint's optimiser state was not saved with optim.sparse_item_grad=true; "
                              "resume with the setting it was trained with (or load weights only).")
-        # Scheduler bookkeeping (initial_lr) lives in our group dicts: keep it across the reload.
-        extra = [{k: v for k, v in g.items() if k == "initial_lr"} for g in self.param_groups]
         self.dense.load_state_dict(state_dict["dense"])
         self.sparse.load_state_dict(state_dict["sparse"])
-        self._link()
-        for g, e in zip(self.param_groups, extra):
-            g.update(e)
+        self._link()  # the inner optimisers replaced their group dicts and state
 
 
 def sparse_grad_norm_clip_(params: list[torch.nn.Parameter], max_norm: float) -> torch.Tensor:

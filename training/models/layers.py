@@ -79,11 +79,7 @@ class CausalBlock(nn.Module):
         self.drop = Dropout(dropout)
 
     def forward(self, x: torch.Tensor, attn_mask: torch.Tensor) -> torch.Tensor:
-        if self.post_norm:
-            x = self.norm1(x + self.drop(self._attend(x, attn_mask)))
-            return self.norm2(x + self.drop(self.ff(x)))
-        x = x + self.drop(self._attend(self.norm1(x), attn_mask))
-        return x + self.drop(self.ff(self.norm2(x)))
+        return self._residuals(x, self._attend(self._attention_input(x), attn_mask))
 
     def forward_queries(self, x: torch.Tensor, key_mask: torch.Tensor, rows: torch.Tensor,
                         cols: torch.Tensor) -> torch.Tensor:
@@ -94,14 +90,19 @@ class CausalBlock(nn.Module):
         training scores one per window), the last block costs a fraction of a full one.
         `key_mask` [B, L]: non-padding positions.
         """
-        x_q = x[rows, cols]
-        h = self.norm1(x) if not self.post_norm else x
-        a = self._attend_queries(h, key_mask, rows, cols)
+        a = self._attend_queries(self._attention_input(x), key_mask, rows, cols)
+        return self._residuals(x[rows, cols], a)
+
+    def _attention_input(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.post_norm else self.norm1(x)
+
+    def _residuals(self, x: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+        """Attention output `a` added to the residual stream `x`, then the feed-forward sub-layer."""
         if self.post_norm:
-            x_q = self.norm1(x_q + self.drop(a))
-            return self.norm2(x_q + self.drop(self.ff(x_q)))
-        x_q = x_q + self.drop(a)
-        return x_q + self.drop(self.ff(self.norm2(x_q)))
+            x = self.norm1(x + self.drop(a))
+            return self.norm2(x + self.drop(self.ff(x)))
+        x = x + self.drop(a)
+        return x + self.drop(self.ff(self.norm2(x)))
 
     def _attend_queries(self, h: torch.Tensor, key_mask: torch.Tensor, rows: torch.Tensor,
                         cols: torch.Tensor) -> torch.Tensor:

@@ -47,6 +47,8 @@ class SASRecConfig:
 
 
 class SASRec(SequenceRecommender):
+    supports_query_mask = True  # forward(..., query_mask=...) skips the last block's unscored positions
+
     def __init__(self, cfg: SASRecConfig, num_items: int, max_len: int):
         super().__init__()
         self.cfg, self.num_items, self.max_len = cfg, num_items, max_len
@@ -57,8 +59,6 @@ class SASRec(SequenceRecommender):
         self.encoder = CausalEncoder(cfg.hidden, cfg.layers, cfg.heads, cfg.inner, cfg.dropout, cfg.attn_dropout,
                                      cfg.norm, cfg.ff_dropout)
         init_weights(self)
-
-    supports_query_mask = True
 
     def forward(self, items: torch.Tensor, times: torch.Tensor, users: torch.Tensor,
                 query_times: torch.Tensor | None = None, item_table: torch.Tensor | None = None,
