@@ -30,3 +30,19 @@ def test_sasrec_prefix_shares_prefix_windows_with_absolute_positions():
     assert cfg.model.positions == "absolute" and cfg.model.norm == "post" and cfg.model.ff_dropout == "output"
     assert list(cfg.optim.betas) == [0.9, 0.999] and cfg.optim.lr == 0.001
     assert cfg.trainer.gradient_clip_val is None and cfg.callbacks.early_stopping.patience == 18
+
+
+@pytest.mark.parametrize("model", [None, "lsti_no_text", "lsti_short_only"])
+def test_lsti_prefix_uses_sasrec_prefix_recipe_for_the_model_and_its_ablations(model):
+    """LSTI vs SASRec compares models, not recipes: every shared training setting is the same."""
+    extra = [f"model={model}"] if model else []
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        lsti = compose(config_name="train", overrides=["experiment=lsti_prefix", *extra])
+        sasrec = compose(config_name="train", overrides=["experiment=sasrec_prefix"])
+    assert lsti.model._target_.endswith("LSTIConfig")
+    if model:
+        assert lsti.model.fusion == "id" or not lsti.model.use_long
+    for group in ("data", "optim", "trainer", "callbacks", "loss", "evaluation"):
+        assert lsti[group] == sasrec[group], group
+    for key in ("norm", "positions", "ff_dropout", "hidden", "layers", "heads", "inner", "dropout", "attn_dropout"):
+        assert lsti.model[key] == sasrec.model[key], key

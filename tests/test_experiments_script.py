@@ -34,3 +34,35 @@ def test_table_cells():
     assert "0.0500 |" in row_a and "±" not in row_a  # one run: no spread
     assert "0.0500 ± 0.0141" in row_b  # sample std of .04 and .06
     assert "| - |" in row_a  # slices without values (e.g. no user with <= 5 items)
+
+
+def test_every_suite_configuration_composes():
+    """A typo in a suite's overrides would otherwise surface only after hours of earlier runs."""
+    from hydra import compose, initialize_config_dir
+
+    ex = _load()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        for suite, configs in ex.SUITES.items():
+            for name, overrides in configs.items():
+                cfg = compose(config_name="train", overrides=[*overrides, *ex.SUITE_EXTRA.get(suite, [])])
+                assert cfg.model._target_, (suite, name)
+
+
+def test_coldstart_seeds_hold_out_different_items_and_pool_their_hits(tmp_path, monkeypatch):
+    ex = _load()
+    calls = []
+
+    def fake_run(cmd, **kwargs):
+        calls.append(cmd)
+        run_dir = Path(next(c for c in cmd if c.startswith("hydra.run.dir=")).split("=", 1)[1])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "metrics.json").write_text(json.dumps({"test/items_unseen/hr@10": 0.25,
+                                                          "test/items_unseen/count": 8}))
+        return type("Done", (), {"returncode": 0, "stdout": "", "stderr": ""})()
+
+    monkeypatch.setattr(ex.subprocess, "run", fake_run)
+    runs = [ex.run_one("lsti text", ["model=lsti_text_only"], s, tmp_path, ex.SUITE_EXTRA["coldstart"],
+                       suite="coldstart") for s in (1, 2)]
+    assert "data.preprocess.cold_item_seed=0" in calls[0] and "data.preprocess.cold_item_seed=1" in calls[1]
+    text = ex.table("coldstart", {"lsti text": runs}, [1, 2], [])
+    assert "| 4/16 |" in text  # 2 hits of 8 targets on each seed

@@ -141,9 +141,9 @@ def test_lsti_session_window_drops_events_before_the_gap():
     model = LSTIConfig(hidden=8, heads=2, short_len=4, session_gap=10.0, fusion="id").build(INFO)
     items = torch.tensor([[1, 2, 3, 4, 5]])
     times = torch.tensor([[0, 1, 100, 101, 102]])
-    _, valid = model._short_windows(items, times)
-    assert valid[0, -1].tolist() == [False, True, True, True]  # event at t=1 is before the 99 s gap
-    assert valid[0, 1].tolist() == [False, False, True, True]
+    _, valid = model._short_windows(items, times, torch.zeros(5, dtype=torch.long), torch.arange(5))
+    assert valid[-1].tolist() == [False, True, True, True]  # event at t=1 is before the 99 s gap
+    assert valid[1].tolist() == [False, False, True, True]
 
 
 def test_bad_sasrec_options_are_named():

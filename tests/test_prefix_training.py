@@ -116,3 +116,60 @@ def test_cpu_attention_with_dropout_path_matches_sdpa_when_nothing_is_dropped():
     manual = attention(q, k, v, mask, p=1e-12, training=True)  # the written-out path, keeps everything
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(manual, ref, rtol=1e-5, atol=1e-6)
+
+
+def _lsti(**overrides):
+    from training.data.sequences import DataInfo
+    from training.models.lsti import LSTIConfig
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    info = DataInfo(num_items=60, num_users=40, max_len=8, item_counts=torch.arange(61),
+                    item_text=torch.randn(61, 12, generator=g), text_dim=12)
+    cfg = dict(hidden=16, layers=2, heads=2, inner=32, dropout=0.0, attn_dropout=0.0, adapter_dropout=0.0,
+               norm="post", positions="absolute", ff_dropout="output", short_len=4)
+    return LSTIConfig(**{**cfg, **overrides}).build(info).eval()
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"use_long": False}, {"use_short": False}, {"user_fusion": "concat"}, {"norm": "pre", "positions": "recent"},
+    {"session_gap": 5e4, "short_rnn": "lstm", "user_embedding": True},
+])
+def test_lsti_query_mask_states_and_gradients_equal_full_forward(data, overrides):
+    """LSTI's cheap per-prefix path: long-term last block, short-term windows and gate only where scored."""
+    model = _lsti(**overrides).double()  # float64: some gradients are ~1e-6, below float32 summation noise
+    b = TrainWindows(data, max_len=8, stride=2)[torch.arange(30)]
+    mask = b["targets"] > 0
+    args = (b["items"], b["times"], b["users"])
+
+    def run(query_mask=None):
+        out = model(*args, query_times=b["target_times"], query_mask=query_mask)
+        return out if query_mask is not None else out[mask]
+
+    full, part = run(), run(mask)
+    assert part.shape == (int(mask.sum()), 16)
+    torch.testing.assert_close(part, full)
+    params = list(model.parameters())
+    g_full = torch.autograd.grad(full.square().sum(), params, allow_unused=True)
+    g_part = torch.autograd.grad(run(mask).square().sum(), params, allow_unused=True)
+    for a, c in zip(g_full, g_part):
+        if a is not None:
+            torch.testing.assert_close(c, a)
+
+
+def test_lsti_shared_prefix_window_equals_per_prefix_samples(data):
+    model = _lsti(session_gap=5e4)
+
+    def states_by_target(ds):
+        b = ds[torch.arange(len(ds))]
+        mask = b["targets"] > 0
+        states = model(b["items"], b["times"], b["users"], query_times=b["target_times"], query_mask=mask)
+        pos = ds.ends.unsqueeze(1) - ds.max_len + 1 + torch.arange(ds.max_len)
+        keys = (b["users"].unsqueeze(1) * 10_000 + pos)[mask]
+        order = keys.argsort()
+        return keys[order], states[order]
+
+    k1, s1 = states_by_target(TrainWindows(data, max_len=8, stride=1))
+    k2, s2 = states_by_target(TrainWindows(data, max_len=8, stride=1, share_prefix=True))
+    assert torch.equal(k1, k2)
+    torch.testing.assert_close(s2, s1, rtol=1e-5, atol=1e-5)

@@ -59,6 +59,7 @@ class LSTIConfig:
     dropout: float = 0.5
     attn_dropout: float = 0.5
     norm: str = "pre"              # pre | post (as SASRecConfig.norm: post-LN + embedding LayerNorm)
+    positions: str = "recent"      # recent | absolute (as SASRecConfig.positions; absolute: per-prefix training)
     ff_dropout: str = "inner"      # inner | output (as SASRecConfig.ff_dropout)
     time_buckets: int = 32
     use_time: bool = True
@@ -92,6 +93,7 @@ class LSTIConfig:
             "user_fusion": (self.user_fusion, ("gate", "concat")),
             "text_mode": (self.text_mode, ("frozen", "lora")),
             "norm": (self.norm, ("pre", "post")),
+            "positions": (self.positions, ("recent", "absolute")),
             "ff_dropout": (self.ff_dropout, ("inner", "output")),
         }
         for name, (value, allowed) in checks.items():
@@ -186,6 +188,10 @@ class AttentionPool(nn.Module):
 
 
 class LSTI(SequenceRecommender):
+    # forward(..., query_mask=...) computes states only at scored positions: the long-term encoder's last block,
+    # the short-term windows and the gate run there only (per-prefix training scores one position per window).
+    supports_query_mask = True
+
     def __init__(self, cfg: LSTIConfig, info: DataInfo):
         super().__init__()
         self.cfg, self.num_items = cfg, info.num_items
@@ -304,31 +310,38 @@ class LSTI(SequenceRecommender):
         return table * (ids > 0).unsqueeze(-1).to(table.dtype)
 
     # ------------------------------------------------------------------ users
-    def _long(self, x: torch.Tensor, items: torch.Tensor, times: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
+    def _long(self, x: torch.Tensor, items: torch.Tensor, times: torch.Tensor, users: torch.Tensor,
+              query_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Long-term states [B, L, D], or [Q, D] at the `query_mask` positions (row-major)."""
         n = items.shape[1]
-        pos = torch.arange(self.long_len - n, self.long_len, device=items.device)
+        if self.cfg.positions == "absolute":  # count from the oldest event (inputs are left padded)
+            pos = ((items > 0).cumsum(1) - 1).clamp_min(0)
+        else:  # count back from the newest event
+            pos = torch.arange(self.long_len - n, self.long_len, device=items.device)
         h = (x if self.emb_norm is not None else x * math.sqrt(self.cfg.hidden)) + self.pos_emb(pos)
         if self.time_emb is not None:
             h = h + self.time_emb(times, items)
         if self.emb_norm is not None:
             h = self.emb_norm(h)
         h = self.drop(h) * (items > 0).unsqueeze(-1)
-        out = self.long_encoder(h, items)
+        out = self.long_encoder(h, items, query_mask)
         if self.user_emb is not None:
-            out = out + self.user_emb(users.clamp(0, self.user_emb.num_embeddings - 1)).unsqueeze(1)
+            user = self.user_emb(users.clamp(0, self.user_emb.num_embeddings - 1))
+            out = out + (user.unsqueeze(1) if query_mask is None else user[query_mask.nonzero(as_tuple=True)[0]])
         return out
 
-    def _short_windows(self, items: torch.Tensor, times: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """For every position, the indices of the last k events up to it and their validity mask."""
-        b, n = items.shape
+    def _short_windows(self, items: torch.Tensor, times: torch.Tensor, rows: torch.Tensor,
+                       cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """For each query position (rows[q], cols[q]), the window indices [Q, k] of the last k events up to it
+        and their validity mask [Q, k]."""
         k = self.cfg.short_len
-        idx = torch.arange(n, device=items.device).unsqueeze(1) - (k - 1) + torch.arange(k, device=items.device)
-        inside = idx >= 0  # [n, k]
+        idx = cols.unsqueeze(1) - (k - 1) + torch.arange(k, device=items.device)
+        inside = idx >= 0  # [Q, k]
         idx = idx.clamp_min(0)
-        win_items = items[:, idx] * inside  # [B, n, k]
+        win_items = items[rows.unsqueeze(1), idx] * inside
         valid = win_items > 0
         if self.cfg.session_gap is not None:
-            win_times = times[:, idx]
+            win_times = times[rows.unsqueeze(1), idx]
             gap = win_times[..., 1:] - win_times[..., :-1]
             breaks = torch.cat([torch.zeros_like(gap[..., :1], dtype=torch.bool),
                                 (gap > self.cfg.session_gap) & valid[..., 1:] & valid[..., :-1]], dim=-1)
@@ -337,12 +350,18 @@ class LSTI(SequenceRecommender):
             valid = valid & (later_break == 0)
         return idx, valid
 
-    def _short(self, x: torch.Tensor, items: torch.Tensor, times: torch.Tensor) -> torch.Tensor:
+    def _short(self, x: torch.Tensor, items: torch.Tensor, times: torch.Tensor,
+               query_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Short-term states [B, L, D], or [Q, D] at the `query_mask` positions (row-major)."""
         b, n, d = x.shape
         k = self.cfg.short_len
-        idx, valid = self._short_windows(items, times)
-        windows = x[:, idx].reshape(b * n, k, d)
-        valid = valid.reshape(b * n, k)
+        if query_mask is None:
+            rows = torch.arange(b, device=x.device).repeat_interleave(n)
+            cols = torch.arange(n, device=x.device).repeat(b)
+        else:
+            rows, cols = query_mask.nonzero(as_tuple=True)
+        idx, valid = self._short_windows(items, times, rows, cols)
+        windows = x[rows.unsqueeze(1), idx]  # [Q, k, D]
         lengths = valid.sum(1)
         # Session masking can leave holes at the front of a window only, so windows stay left padded.
         windows = windows * valid.unsqueeze(-1)
@@ -353,24 +372,30 @@ class LSTI(SequenceRecommender):
         out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=k)
         out = right_to_left_padding(out, lengths)
         pooled = self.short_pool(out, valid)
-        return pooled.reshape(b, n, d)
+        return pooled if query_mask is not None else pooled.reshape(b, n, d)
 
     def forward(self, items: torch.Tensor, times: torch.Tensor, users: torch.Tensor,
-                query_times: torch.Tensor | None = None, item_table: torch.Tensor | None = None) -> torch.Tensor:
-        """Per-position user states [B, L, D]. `query_times[b, t]` is when the prediction after event t
-        is requested (the next event's time in training; "now" when serving); it feeds the gate."""
+                query_times: torch.Tensor | None = None, item_table: torch.Tensor | None = None,
+                query_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-position user states [B, L, D], or with `query_mask` [B, L] only those positions' states [Q, D]
+        (row-major, `states[query_mask]`). `query_times[b, t]` is when the prediction after event t is
+        requested (the next event's time in training; "now" when serving); it feeds the gate."""
         items, times = items[:, -self.long_len:], times[:, -self.long_len:]
+        if query_mask is not None:
+            query_mask = query_mask[:, -self.long_len:]
         table = self.item_table() if item_table is None else item_table
         x = F.embedding(items, table)
         cfg = self.cfg
-        long = self._long(x, items, times, users) if cfg.use_long else None
-        short = self._short(x, items, times) if cfg.use_short else None
+        long = self._long(x, items, times, users, query_mask) if cfg.use_long else None
+        short = self._short(x, items, times, query_mask) if cfg.use_short else None
         elapsed = None
         if long is not None and short is not None and cfg.user_fusion == "gate":
             if query_times is None:
                 elapsed = torch.zeros_like(times, dtype=x.dtype)
             else:
                 elapsed = self.elapsed_feature(query_times[:, -items.shape[1]:] - times, x.dtype)
+            if query_mask is not None:
+                elapsed = elapsed[query_mask]
         return self.fuse(long, short, elapsed)
 
     @staticmethod
