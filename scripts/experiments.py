@@ -130,7 +130,8 @@ def table(suite: str, results: dict[str, list[dict]], seeds: list[int], extra: l
             cells.append(f"{hits}/{sum(int(r['test/items_unseen/count']) for r in counted)}")
         ep, _ = mean_std([r.get("epochs") for r in runs])
         wall, _ = mean_std([r.get("wall_s") for r in runs])
-        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + f" | {ep:.0f} | {wall:.0f} |")
+        ep_cell, wall_cell = ("-" if math.isnan(v) else f"{v:.0f}" for v in (ep, wall))  # e.g. resumed runs
+        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + f" | {ep_cell} | {wall_cell} |")
     cmd = f"python scripts/experiments.py {suite} --seeds {' '.join(map(str, seeds))}"
     if extra:
         cmd += " --extra " + " ".join(extra)
