@@ -168,6 +168,18 @@ def plot(suite: str, results: dict[str, list[dict]], path: Path) -> None:
     plt.close(fig)
 
 
+def finished(suite: str, out: Path, seeds: list[int]) -> tuple[list[int], dict[str, list[dict]]]:
+    """Seeds (the requested ones and any found on disk) and, per configuration in suite order, its finished runs."""
+    found = {int(d.name[4:]) for d in out.glob("*/seed*") if d.name[4:].isdigit() and (d / "metrics.json").exists()}
+    seeds = sorted(set(seeds) | found)
+    results = {}
+    for name, overrides in SUITES[suite].items():
+        runs = [run_one(name, overrides, s, out, [], report_only=True, suite=suite) for s in seeds]
+        if any(r is not None for r in runs):
+            results[name] = [r for r in runs if r is not None]
+    return seeds, results
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("suite", choices=sorted(SUITES))
@@ -188,14 +200,11 @@ def main() -> None:
     todo = [(name, overrides, seed) for seed in args.seeds for name, overrides in configs.items()]
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        done = list(pool.map(lambda t: (t[0], run_one(t[0], t[1], t[2], out, extra, threads,
-                                                                args.report_only, args.suite)), todo))
-    results: dict[str, list[dict]] = {}
-    for name, r in done:
-        if r is not None:
-            results.setdefault(name, []).append(r)
-    results = {k: results[k] for k in configs if k in results}
-    text = table(args.suite, results, args.seeds, args.extra)
+        list(pool.map(lambda t: run_one(t[0], t[1], t[2], out, extra, threads, args.report_only, args.suite), todo))
+    # The doc's table covers every finished run of the suite, not only this invocation's --only/--seeds subset,
+    # so running one more configuration or seed never drops the rows measured before.
+    seeds, results = finished(args.suite, out, args.seeds)
+    text = table(args.suite, results, seeds, args.extra)
     print(text)
     write_section(args.suite, text, args.doc)
     plot(args.suite, results, args.doc.parent / f"{args.suite}.png")

@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -66,3 +68,16 @@ def test_coldstart_seeds_hold_out_different_items_and_pool_their_hits(tmp_path, 
     assert "data.preprocess.cold_item_seed=0" in calls[0] and "data.preprocess.cold_item_seed=1" in calls[1]
     text = ex.table("coldstart", {"lsti text": runs}, [1, 2], [])
     assert "| 4/16 |" in text  # 2 hits of 8 targets on each seed
+
+
+def test_the_table_keeps_every_finished_run_of_the_suite(tmp_path):
+    """Running one more configuration or seed (--only / --seeds) must not drop rows measured before."""
+    ex = _load()
+    for name, seed in [("sasrec", 1), ("sasrec", 2), ("lsti", 3)]:
+        run = tmp_path / name / f"seed{seed}"
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps({"test/ndcg@10": 0.05 + seed / 100}))
+    seeds, results = ex.finished("ablations", tmp_path, [3])
+    assert seeds == [1, 2, 3]
+    assert list(results) == ["sasrec", "lsti"]  # suite order
+    assert [r["test/ndcg@10"] for r in results["sasrec"]] == pytest.approx([0.06, 0.07])
