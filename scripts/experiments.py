@@ -174,9 +174,9 @@ def finished(suite: str, out: Path, seeds: list[int]) -> tuple[list[int], dict[s
     seeds = sorted(set(seeds) | found)
     results = {}
     for name, overrides in SUITES[suite].items():
-        runs = [run_one(name, overrides, s, out, [], report_only=True, suite=suite) for s in seeds]
-        if any(r is not None for r in runs):
-            results[name] = [r for r in runs if r is not None]
+        runs = [r for s in seeds if (r := run_one(name, overrides, s, out, [], report_only=True)) is not None]
+        if runs:
+            results[name] = runs
     return seeds, results
 
 

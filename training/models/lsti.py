@@ -311,8 +311,9 @@ class LSTI(SequenceRecommender):
 
     # ------------------------------------------------------------------ users
     def _long(self, x: torch.Tensor, items: torch.Tensor, times: torch.Tensor, users: torch.Tensor,
-              query_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Long-term states [B, L, D], or [Q, D] at the `query_mask` positions (row-major)."""
+              query_mask: torch.Tensor | None = None, query_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Long-term states [B, L, D], or [Q, D] at the `query_mask` positions (row-major; `query_rows` are
+        their batch rows, `query_mask.nonzero()[0]`)."""
         n = items.shape[1]
         if self.cfg.positions == "absolute":  # count from the oldest event (inputs are left padded)
             pos = ((items > 0).cumsum(1) - 1).clamp_min(0)
@@ -327,7 +328,7 @@ class LSTI(SequenceRecommender):
         out = self.long_encoder(h, items, query_mask)
         if self.user_emb is not None:
             user = self.user_emb(users.clamp(0, self.user_emb.num_embeddings - 1))
-            out = out + (user.unsqueeze(1) if query_mask is None else user[query_mask.nonzero(as_tuple=True)[0]])
+            out = out + (user.unsqueeze(1) if query_mask is None else user[query_rows])
         return out
 
     def _short_windows(self, items: torch.Tensor, times: torch.Tensor, rows: torch.Tensor,
@@ -351,15 +352,15 @@ class LSTI(SequenceRecommender):
         return idx, valid
 
     def _short(self, x: torch.Tensor, items: torch.Tensor, times: torch.Tensor,
-               query_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Short-term states [B, L, D], or [Q, D] at the `query_mask` positions (row-major)."""
+               queries: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Short-term states [B, L, D], or [Q, D] at the positions `queries` = (rows, cols)."""
         b, n, d = x.shape
         k = self.cfg.short_len
-        if query_mask is None:
+        if queries is None:
             rows = torch.arange(b, device=x.device).repeat_interleave(n)
             cols = torch.arange(n, device=x.device).repeat(b)
         else:
-            rows, cols = query_mask.nonzero(as_tuple=True)
+            rows, cols = queries
         idx, valid = self._short_windows(items, times, rows, cols)
         windows = x[rows.unsqueeze(1), idx]  # [Q, k, D]
         lengths = valid.sum(1)
@@ -372,7 +373,7 @@ class LSTI(SequenceRecommender):
         out, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=k)
         out = right_to_left_padding(out, lengths)
         pooled = self.short_pool(out, valid)
-        return pooled if query_mask is not None else pooled.reshape(b, n, d)
+        return pooled if queries is not None else pooled.reshape(b, n, d)
 
     def forward(self, items: torch.Tensor, times: torch.Tensor, users: torch.Tensor,
                 query_times: torch.Tensor | None = None, item_table: torch.Tensor | None = None,
@@ -381,21 +382,24 @@ class LSTI(SequenceRecommender):
         (row-major, `states[query_mask]`). `query_times[b, t]` is when the prediction after event t is
         requested (the next event's time in training; "now" when serving); it feeds the gate."""
         items, times = items[:, -self.long_len:], times[:, -self.long_len:]
+        queries = None
         if query_mask is not None:
             query_mask = query_mask[:, -self.long_len:]
+            queries = query_mask.nonzero(as_tuple=True)  # (rows, cols) of the scored positions, row-major
         table = self.item_table() if item_table is None else item_table
         x = F.embedding(items, table)
         cfg = self.cfg
-        long = self._long(x, items, times, users, query_mask) if cfg.use_long else None
-        short = self._short(x, items, times, query_mask) if cfg.use_short else None
+        rows = None if queries is None else queries[0]
+        long = self._long(x, items, times, users, query_mask, rows) if cfg.use_long else None
+        short = self._short(x, items, times, queries) if cfg.use_short else None
         elapsed = None
         if long is not None and short is not None and cfg.user_fusion == "gate":
             if query_times is None:
                 elapsed = torch.zeros_like(times, dtype=x.dtype)
             else:
                 elapsed = self.elapsed_feature(query_times[:, -items.shape[1]:] - times, x.dtype)
-            if query_mask is not None:
-                elapsed = elapsed[query_mask]
+            if queries is not None:
+                elapsed = elapsed[queries]
         return self.fuse(long, short, elapsed)
 
     @staticmethod
