@@ -53,6 +53,8 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "lsti id": ["model=lsti_no_text"],
         "lsti text": ["model=lsti_text_only"],
         "lsti id+text": ["model=lsti"],
+        # ID dropout: the fusion also learns to rank from text alone, as it must for a cold item
+        "lsti id+text (id dropout 0.2)": ["model=lsti", "model.id_dropout=0.2"],
     },
 }
 SUITE_EXTRA = {"coldstart": ["data.preprocess.cold_item_fraction=0.1"]}

@@ -281,6 +281,9 @@ class DataInfo:
     item_text: torch.Tensor | None = None
     text_dim: int = 0
     item_texts: list[str] | None = None  # rendered item texts [N+1] (LoRA mode tokenizes them at build)
+    # [N+1] bool: items with a training interaction anywhere in the data set (the global catalogue, also for a
+    # federated client); None: unknown (a model rebuilt to load a checkpoint), treat every item as trained.
+    train_items: torch.Tensor | None = None
 
     def scalars(self) -> dict:
         return {"num_items": self.num_items, "num_users": self.num_users, "max_len": self.max_len,

@@ -3,7 +3,10 @@
 Item representation: an ID embedding fused with a language-model embedding of the item's text
 (`fusion`: id | text | id+text, combined by `sum` or a learned per-dimension `gate`). Text goes through
 UniSRec-style parametric whitening and an MLP or mixture-of-experts adapter. In `text` mode the item
-table is a function of text alone, so items never seen in training can still be recommended.
+table is a function of text alone, so items never seen in training can still be recommended. In `id+text`
+mode an item with no training interaction has an untrained (random) ID vector, so it is represented by its
+text alone (its ID vector is zeroed: `id_trained` buffer); `id_dropout` zeroes a random share of the trained
+items' ID vectors at each training step, so the fusion learns to rank from text alone too (cold start).
 
 User representation at every position t (causal):
 - long-term: causal self-attention over up to `long_len` events with learned positions and bucketed
@@ -50,6 +53,7 @@ class LSTIConfig:
     adapter: str = "moe"  # mlp | moe
     experts: int = 4
     adapter_dropout: float = 0.2
+    id_dropout: float = 0.0  # id+text: share of items whose ID vector is zeroed at each training step
     # long-term encoder
     use_long: bool = True
     long_len: int | None = None  # default: data.max_len
@@ -103,6 +107,11 @@ class LSTIConfig:
             raise ValueError("model.use_long and model.use_short are both false: enable at least one encoder.")
         if self.short_len < 1:
             raise ValueError(f"model.short_len={self.short_len} must be >= 1.")
+        if not 0.0 <= self.id_dropout < 1.0:
+            raise ValueError(f"model.id_dropout={self.id_dropout} must be in [0, 1).")
+        if self.id_dropout > 0 and self.fusion != "id+text":
+            raise ValueError(f"model.id_dropout={self.id_dropout} drops ID vectors in favour of text, which only "
+                             f"fusion=id+text has (model.fusion={self.fusion!r}): set id_dropout=0.")
         if self.text_mode == "lora":
             if not self.uses_text:
                 raise ValueError("model.text_mode=lora fine-tunes the language model, but model.fusion=id uses no "
@@ -209,6 +218,16 @@ class LSTI(SequenceRecommender):
         if cfg.uses_text:
             if cfg.fusion == "id+text" and cfg.combine == "gate":
                 self.item_gate = nn.Linear(2 * d, d)
+        if cfg.fusion == "id+text":
+            # Items without a training interaction keep their random initial ID vector: they are represented by
+            # text alone. Saved with the model (a rebuilt model does not know the training data); checkpoints
+            # from before it load as "every item trained".
+            known = info.train_items if info.train_items is not None else torch.ones(info.num_items + 1)
+            if known.shape[0] != info.num_items + 1:
+                raise ValueError(f"DataInfo.train_items has {known.shape[0]} entries for {info.num_items + 1} "
+                                 "item indices (row 0 is the padding).")
+            self.register_buffer("id_trained", known.to(torch.bool).clone(), persistent=True)
+            self.register_load_state_dict_post_hook(_allow_missing_id_trained)
         self.drop = Dropout(cfg.dropout)
         if cfg.use_long:
             self.pos_emb = nn.Embedding(self.long_len, d)
@@ -270,6 +289,17 @@ class LSTI(SequenceRecommender):
             out.append(self.text_encoder(self.item_input_ids[idx][:, keep].long(), mask[:, keep].long()))
         return torch.cat(out) if out else self.adapter.norm.weight.new_zeros(0, self.text_encoder.dim)
 
+    def _id_vectors(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """ID vectors of all items [N+1, D] (or of `ids`), zeroed for items never trained and, in training,
+        for a random `id_dropout` share of the others (id+text: those items are ranked from text alone)."""
+        vectors = self.item_emb.weight if ids is None else self.item_emb(ids)
+        if self.cfg.fusion != "id+text":
+            return vectors
+        keep = self.id_trained if ids is None else self.id_trained[ids]
+        if self.training and self.cfg.id_dropout > 0:
+            keep = keep & (torch.rand(keep.shape, device=keep.device) >= self.cfg.id_dropout)
+        return vectors * keep.unsqueeze(-1).to(vectors.dtype)
+
     def _combine(self, ids: torch.Tensor | None, txt: torch.Tensor | None) -> torch.Tensor:
         """Item representations from ID vectors and adapted text vectors (either None when unused)."""
         if txt is None:
@@ -294,7 +324,7 @@ class LSTI(SequenceRecommender):
         """Representations of all items [N+1, D]; `text` replaces the LM embeddings (in LoRA mode, without
         it the whole catalogue goes through the language model)."""
         cfg = self.cfg
-        table = self._combine(self.item_emb.weight if cfg.fusion != "text" else None,
+        table = self._combine(self._id_vectors() if cfg.fusion != "text" else None,
                               self.text_table(text) if cfg.uses_text else None)
         pad = torch.zeros_like(table[:1])
         return torch.cat([pad, table[1:]], dim=0)
@@ -306,7 +336,7 @@ class LSTI(SequenceRecommender):
         txt = None
         if cfg.uses_text:
             txt = self.adapter(self.encode_items(ids) if cfg.needs_item_texts else self.item_text[ids])
-        table = self._combine(self.item_emb(ids) if cfg.fusion != "text" else None, txt)
+        table = self._combine(self._id_vectors(ids) if cfg.fusion != "text" else None, txt)
         return table * (ids > 0).unsqueeze(-1).to(table.dtype)
 
     # ------------------------------------------------------------------ users
@@ -464,3 +494,8 @@ def _drop_frozen_lm_weights(module: nn.Module, state_dict: dict, prefix: str, lo
 
 def _allow_missing_frozen_lm_weights(module: nn.Module, incompatible_keys) -> None:
     incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not _is_frozen_lm_key(k)]
+
+
+def _allow_missing_id_trained(module: nn.Module, incompatible_keys) -> None:
+    """Checkpoints saved before `id_trained` existed load with every item counted as trained (their behaviour)."""
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.endswith("id_trained")]
