@@ -46,6 +46,9 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "lsti_text_only": ["experiment=lsti_prefix", "model=lsti_text_only"],
         "lsti_long_only": ["experiment=lsti_prefix", "model=lsti_long_only"],
         "lsti_short_only": ["experiment=lsti_prefix", "model=lsti_short_only"],
+        # ID dropout (a random 20% of ID vectors zeroed per step); capped at 25 epochs for the CPU budget, which can
+        # only cost LSTI (it peaks by epoch 17 on every seed without it)
+        "lsti_id_dropout": ["experiment=lsti_prefix", "model.id_dropout=0.2", "trainer.max_epochs=25"],
     },
     "coldstart": {
         "pop": ["model=pop"],
