@@ -3,6 +3,7 @@
     python -m training.evaluate ckpt=outputs/train/<run>/checkpoints/best.ckpt
     python -m training.evaluate ckpt=... evaluation.filter_seen=true split=valid
     python -m training.evaluate ckpt=... trainer.devices=2 trainer.accelerator=cpu   # exact in N processes
+    python -m training.evaluate ckpt=... history_cap=5   # as if each user had only their latest 5 events
 
 The data config stored in the checkpoint is used unless `data=...` overrides it (the catalogue must match).
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import hydra
 import lightning as L
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from training.checkpoints import CheckpointError, load_checkpoint_dict, load_module
 from training.report import results_table, write_json_atomic
@@ -28,6 +29,9 @@ def evaluate(cfg: DictConfig) -> dict:
     evaluation = {**hp.get("evaluation", {}), **OmegaConf.to_container(cfg.evaluation, resolve=True)}
     module = load_module(cfg.ckpt, evaluation=evaluation)
     data_cfg = OmegaConf.create(hp["data"]) if cfg.get("data") is None else cfg.data
+    if cfg.get("history_cap") is not None:
+        with open_dict(data_cfg):  # checkpoints saved before the setting existed lack the key
+            data_cfg.eval_history_cap = cfg.history_cap
     L.seed_everything(cfg.seed, workers=True)
     dm = hydra.utils.instantiate(data_cfg, _convert_="all")
     dm.prepare()

@@ -121,10 +121,18 @@ class TrainWindows(Dataset):
 
 
 class EvalQueries(Dataset):
-    """Evaluation batches: the history window before each target plus the full history as CSR."""
+    """Evaluation batches: the history window before each target plus the full history as CSR.
 
-    def __init__(self, data: SequenceData, split: EvalSplit, max_len: int):
+    `history_cap`: evaluate as if each user had only their latest `history_cap` events before the target (a
+    short-history / new-user study on data where every user has a long history): the window, the seen items
+    (filter_seen) and the length slices all see only those events. None: the whole history.
+    """
+
+    def __init__(self, data: SequenceData, split: EvalSplit, max_len: int, history_cap: int | None = None):
+        if history_cap is not None and int(history_cap) < 1:
+            raise DataError(f"history cap {history_cap}: must be >= 1 (null evaluates the whole history).")
         self.max_len = max_len
+        self.history_cap = None if history_cap is None else int(history_cap)
         self.offsets = torch.from_numpy(data.offsets)
         self.items = torch.from_numpy(data.items)
         self.times = torch.from_numpy(data.times)
@@ -141,11 +149,15 @@ class EvalQueries(Dataset):
         users, pos = self.user[q_real], self.pos[q_real]
         idx, valid = window_indices(self.offsets, users, pos, self.max_len)
         target_idx = self.offsets[users] + pos
-        # Full history (not only the window) as CSR, for filter_seen.
+        known = pos if self.history_cap is None else pos.clamp_max(self.history_cap)  # events the model may see
+        first = self.offsets[users] + pos - known  # global index of the oldest of them
+        if self.history_cap is not None:
+            valid = valid & (idx >= first.unsqueeze(1))
+        # Full (or capped) history, not only the window, as CSR, for filter_seen.
         seen_offsets = torch.zeros(q.shape[0] + 1, dtype=torch.int64)
-        torch.cumsum(pos, 0, out=seen_offsets[1:])
-        row_start = torch.repeat_interleave(seen_offsets[:-1], pos)
-        flat = torch.repeat_interleave(self.offsets[users], pos) + torch.arange(int(seen_offsets[-1])) - row_start
+        torch.cumsum(known, 0, out=seen_offsets[1:])
+        row_start = torch.repeat_interleave(seen_offsets[:-1], known)
+        flat = torch.repeat_interleave(first, known) + torch.arange(int(seen_offsets[-1])) - row_start
         return {
             "items": torch.where(valid, self.items[idx], 0),
             "times": torch.where(valid, self.times[idx], 0),
@@ -153,7 +165,7 @@ class EvalQueries(Dataset):
             "target_time": self.times[target_idx],
             "users": users,
             "query": q,
-            "train_len": torch.minimum(self.train_end[users], pos),
+            "train_len": torch.minimum(self.train_end[users], known),
             "seen_offsets": seen_offsets,
             "seen_items": self.items[flat],
         }
@@ -280,6 +292,7 @@ class SeqDataModule(L.LightningDataModule):
         train_stride: int | None = None,
         train_windows: str = "all",
         share_prefix_window: bool = False,
+        eval_history_cap: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
         seed: int = 42,
@@ -293,6 +306,10 @@ class SeqDataModule(L.LightningDataModule):
         self.max_len, self.batch_size, self.eval_batch_size = max_len, batch_size, eval_batch_size
         self.train_stride, self.train_windows = train_stride, train_windows
         self.share_prefix_window = bool(share_prefix_window)
+        if eval_history_cap is not None and int(eval_history_cap) < 1:
+            raise DataError(f"data.eval_history_cap={eval_history_cap}: must be >= 1, or null to evaluate on the "
+                            "whole history.")
+        self.eval_history_cap = None if eval_history_cap is None else int(eval_history_cap)
         self.num_workers, self.pin_memory, self.seed, self.use_cache = num_workers, pin_memory, seed, cache
         self.data: SequenceData | None = None
         self.items_frame = None  # raw item table (text fields), when the source has one
@@ -405,11 +422,11 @@ class SeqDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         d = self.prepare()
-        return self._loader(EvalQueries(d, d.valid, self.max_len), self.eval_batch_size, False, "val")
+        return self._loader(EvalQueries(d, d.valid, self.max_len, self.eval_history_cap), self.eval_batch_size, False, "val")
 
     def test_dataloader(self) -> DataLoader:
         d = self.prepare()
-        return self._loader(EvalQueries(d, d.test, self.max_len), self.eval_batch_size, False, "test")
+        return self._loader(EvalQueries(d, d.test, self.max_len, self.eval_history_cap), self.eval_batch_size, False, "test")
 
     def describe(self) -> str:
         d = self.prepare()
