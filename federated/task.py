@@ -168,8 +168,9 @@ def _client_data(spec_str: str, partition_id: int) -> ClientData:
     except ValueError:
         train = None  # no user with two training events: this client can only evaluate
     num_targets = int(np.clip(local.train_end - 1, 0, None).sum())
-    return ClientData(partition_id, users, local, train, EvalQueries(local, local.valid, max_len),
-                      EvalQueries(local, local.test, max_len), num_targets)
+    cap = dm.eval_history_cap  # data.eval_history_cap: the short-history study applies to federated evaluation too
+    return ClientData(partition_id, users, local, train, EvalQueries(local, local.valid, max_len, cap),
+                      EvalQueries(local, local.test, max_len, cap), num_targets)
 
 
 def client_data(spec: dict, partition_id: int) -> ClientData:
@@ -398,7 +399,9 @@ class GlobalModel:
         dm = datamodule(spec)
         data = dm.prepare()
         max_len = int(spec["data"].get("max_len", 50))
-        self.queries = {"valid": EvalQueries(data, data.valid, max_len), "test": EvalQueries(data, data.test, max_len)}
+        cap = dm.eval_history_cap
+        self.queries = {"valid": EvalQueries(data, data.valid, max_len, cap),
+                        "test": EvalQueries(data, data.test, max_len, cap)}
         self.eval_batch_size = int(spec["data"].get("eval_batch_size", 512))
 
     def initial(self) -> dict[str, np.ndarray]:

@@ -114,3 +114,17 @@ def test_short_history_script_caches_and_tabulates(tmp_path, monkeypatch):
     assert rows["all (no cap)"].rstrip(" |").endswith("+16.7%")
     # nothing cached and report-only: nothing is evaluated
     assert sh.evaluate_capped(tmp_path / "sasrec" / "seed1", 3, report_only=True) is None
+
+
+def test_federated_evaluation_uses_the_cap(tmp_path):
+    from federated import task
+    from federated.server_app import compose_config
+    from tests.test_federated import SMALL
+
+    spec = task.make_spec(compose_config([*SMALL, f"paths.output_dir={tmp_path}", "data.eval_history_cap=2"]), 3,
+                          str(tmp_path / "client_state"))
+    client = task.client_data(spec, 0)
+    for queries in (client.valid, client.test, task.GlobalModel(spec).queries["test"]):
+        batch = queries[torch.arange(len(queries))]
+        assert int((batch["items"] > 0).sum(1).max()) <= 2
+        assert int(torch.diff(batch["seen_offsets"]).max()) <= 2
