@@ -125,7 +125,8 @@ class EvalQueries(Dataset):
 
     `history_cap`: evaluate as if each user had only their latest `history_cap` events before the target (a
     short-history / new-user study on data where every user has a long history): the window, the seen items
-    (filter_seen) and the length slices all see only those events. None: the whole history.
+    (filter_seen) and the length slices all see only those events. None: the whole history. A model with a
+    user-id embedding (e.g. LSTI's `user_embedding=true`) still carries what it learned about the user in training.
     """
 
     def __init__(self, data: SequenceData, split: EvalSplit, max_len: int, history_cap: int | None = None):
