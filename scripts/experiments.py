@@ -75,9 +75,14 @@ COLUMNS = {
 }
 
 
+def config_dir(out: Path, name: str) -> Path:
+    """Where a configuration's runs live (one seed<s> directory each); names may hold spaces and parentheses."""
+    return out / name.replace(" ", "_").replace("(", "").replace(")", "")
+
+
 def run_one(name: str, overrides: list[str], seed: int, out: Path, extra: list[str],
             threads: int | None = None, report_only: bool = False, suite: str | None = None) -> dict | None:
-    run_dir = out / name.replace(" ", "_").replace("(", "").replace(")", "") / f"seed{seed}"
+    run_dir = config_dir(out, name) / f"seed{seed}"
     metrics = run_dir / "metrics.json"
     if metrics.exists():
         return json.loads(metrics.read_text())

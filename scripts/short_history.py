@@ -22,7 +22,6 @@ import argparse
 import importlib.util
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,7 +32,7 @@ DEFAULT_CONFIGS = {"prefix": ["sasrec", "lsti"], "ablations": ["sasrec", "lsti",
 METRICS = ("test/ndcg@10", "test/hr@10")
 
 
-def _experiments():
+def _load_experiments():
     """scripts/experiments.py (run directories, mean/std, doc sections), loaded by path: scripts is no package."""
     spec = importlib.util.spec_from_file_location("experiments", ROOT / "scripts" / "experiments.py")
     module = importlib.util.module_from_spec(spec)
@@ -41,10 +40,12 @@ def _experiments():
     return module
 
 
+experiments = _load_experiments()
+
+
 def run_dirs(out: Path, config: str) -> list[Path]:
     """Finished seeds of one configuration (a best checkpoint and the run's own metrics.json)."""
-    base = out / config.replace(" ", "_").replace("(", "").replace(")", "")
-    runs = [d for d in base.glob("seed*") if d.name[4:].isdigit()
+    runs = [d for d in experiments.config_dir(out, config).glob("seed*") if d.name[4:].isdigit()
             and (d / "checkpoints" / "best.ckpt").exists() and (d / "metrics.json").exists()]
     return sorted(runs, key=lambda d: int(d.name[4:]))
 
@@ -61,7 +62,7 @@ def evaluate_capped(run: Path, cap: int | None, report_only: bool = False) -> di
     out_dir = run / "short_history" / f"cap{cap}"
     cmd = [sys.executable, "-m", "training.evaluate", f"ckpt={run / 'checkpoints' / 'best.ckpt'}",
            f"history_cap={cap}", f"hydra.run.dir={out_dir}", "trainer.enable_progress_bar=false"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ))
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "stdout.log").write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
@@ -74,7 +75,6 @@ def evaluate_capped(run: Path, cap: int | None, report_only: bool = False) -> di
 
 def table(suite: str, results: dict[str, dict], caps: list[int | None], configs: list[str]) -> str:
     """results[config][cap] = list of per-seed metric dicts. One row per cap; the first config is the reference."""
-    ex = _experiments()
     ref = configs[0]
     head = ["known events"]
     for c in configs:
@@ -87,7 +87,7 @@ def table(suite: str, results: dict[str, dict], caps: list[int | None], configs:
         for c in configs:
             runs = results.get(c, {}).get(cap, [])
             for metric in METRICS:
-                m, sd = ex.mean_std([r.get(metric) for r in runs])
+                m, sd = experiments.mean_std([r.get(metric) for r in runs])
                 means[(c, metric)] = m
                 cells.append("-" if math.isnan(m) else (f"{m:.4f} ± {sd:.4f}" if len(runs) > 1 else f"{m:.4f}"))
         for c in configs[1:]:
@@ -125,11 +125,11 @@ def main() -> None:
             got = [r for run in runs if (r := evaluate_capped(run, cap, args.report_only)) is not None]
             results.setdefault(config, {})[cap] = got
             if cap is not None and got:
-                m, _ = _experiments().mean_std([r.get(METRICS[0]) for r in got])
+                m, _ = experiments.mean_std([r.get(METRICS[0]) for r in got])
                 print(f"{config} cap {cap}: ndcg@10 {m:.4f} over {len(got)} runs", flush=True)
     text = table(args.suite, results, caps, configs)
     print(text)
-    _experiments().write_section(f"short_history_{args.suite}", text, args.doc)
+    experiments.write_section(f"short_history_{args.suite}", text, args.doc)
 
 
 if __name__ == "__main__":
