@@ -164,7 +164,8 @@ def _client_data(spec_str: str, partition_id: int) -> ClientData:
     max_len = int(spec["data"].get("max_len", 50))
     try:
         train = TrainWindows(local, max_len, spec["data"].get("train_stride"), spec["data"].get("train_windows", "all"),
-                             bool(spec["data"].get("share_prefix_window", False)))
+                             bool(spec["data"].get("share_prefix_window", False)), dm.train_history_crop,
+                             _seed(spec["seed"], 0, partition_id))
     except ValueError:
         train = None  # no user with two training events: this client can only evaluate
     num_targets = int(np.clip(local.train_end - 1, 0, None).sum())
@@ -340,7 +341,7 @@ def train_local(module: LitRecommender, cd: ClientData, spec: dict, server_round
     for epoch in range(int(local.get("epochs", 1))):
         sampler.set_epoch(epoch)
         for idx in sampler:
-            loss = module.training_step(cd.train[idx], steps)
+            loss = module.training_step(cd.train[(server_round * 1000 + epoch, idx)], steps)  # epoch key: crops
             loss_sum += float(loss.detach())
             if anchors:
                 loss = loss + proximal_mu / 2 * sum((params[n] - a).pow(2).sum() for n, a in anchors.items())

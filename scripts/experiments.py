@@ -2,6 +2,7 @@
 
     python scripts/experiments.py ablations --seeds 1 2 3          # full model vs ablations vs SASRec
     python scripts/experiments.py prefix --seeds 1 2 3 --jobs 3 # the same, all on the per-prefix recipe
+    python scripts/experiments.py crop --seeds 1 2 3 --jobs 2      # training on cropped (short) histories too
     python scripts/experiments.py coldstart --seeds 1 2 3          # 10% items held out, per fusion mode
     python scripts/experiments.py ablations --only sasrec lsti --extra trainer.max_epochs=50
     python scripts/experiments.py ablations --report-only   # tabulate what has finished, start nothing
@@ -50,6 +51,16 @@ SUITES: dict[str, dict[str, list[str]]] = {
         # only cost LSTI (it peaks by epoch 17 on every seed without it)
         "lsti_id_dropout": ["experiment=lsti_prefix", "model.id_dropout=0.2", "trainer.max_epochs=25"],
     },
+    # Training on short histories too (data.train_history_crop: a share of the training windows cut to a random
+    # number of their latest events), for both models, and LSTI's gate told how many events are known.
+    # sasrec / lsti are the default-recipe baselines (the same runs as in `ablations`).
+    "crop": {
+        "sasrec": ["model=sasrec"],
+        "lsti": ["model=lsti"],
+        "sasrec_crop": ["model=sasrec", "data.train_history_crop=0.3"],
+        "lsti_crop": ["model=lsti", "data.train_history_crop=0.3"],
+        "lsti_crop_len": ["model=lsti", "data.train_history_crop=0.3", "model.gate_length=true"],
+    },
     "coldstart": {
         "pop": ["model=pop"],
         "sasrec (id)": ["model=sasrec"],
@@ -70,6 +81,8 @@ COLUMNS = {
                   "test/items_tail/ndcg@10"],
     "prefix": ["test/hr@10", "test/ndcg@10", "test/mrr@10", "test/users_len6-20/ndcg@10",
                "test/users_len>20/ndcg@10", "test/items_head/ndcg@10", "test/items_tail/ndcg@10"],
+    "crop": ["test/hr@10", "test/ndcg@10", "test/mrr@10", "test/users_len6-20/ndcg@10",
+             "test/users_len>20/ndcg@10", "test/items_head/ndcg@10", "test/items_tail/ndcg@10"],
     "coldstart": ["test/items_unseen/hr@10", "test/items_unseen/ndcg@10", "test/items_unseen/count",
                   "test/hr@10", "test/ndcg@10"],
 }

@@ -28,7 +28,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CAPS = [1, 2, 3, 5, 10, 20]
-DEFAULT_CONFIGS = {"prefix": ["sasrec", "lsti"], "ablations": ["sasrec", "lsti", "lsti_no_text", "lsti_text_only"]}
+DEFAULT_CONFIGS = {"prefix": ["sasrec", "lsti"], "crop": ["sasrec_crop", "lsti_crop", "lsti_crop_len", "sasrec", "lsti"],
+                   "ablations": ["sasrec", "lsti", "lsti_no_text", "lsti_text_only"]}
 METRICS = ("test/ndcg@10", "test/hr@10")
 
 

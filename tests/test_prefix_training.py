@@ -133,7 +133,7 @@ def _lsti(**overrides):
 
 @pytest.mark.parametrize("overrides", [
     {}, {"use_long": False}, {"use_short": False}, {"user_fusion": "concat"}, {"norm": "pre", "positions": "recent"},
-    {"session_gap": 5e4, "short_rnn": "lstm", "user_embedding": True},
+    {"session_gap": 5e4, "short_rnn": "lstm", "user_embedding": True}, {"gate_length": True},
 ])
 def test_lsti_query_mask_states_and_gradients_equal_full_forward(data, overrides):
     """LSTI's cheap per-prefix path: long-term last block, short-term windows and gate only where scored."""

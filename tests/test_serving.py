@@ -37,6 +37,7 @@ MODELS = {
     "lsti_lstm_sessions": LSTIConfig(hidden=16, inner=32, short_len=4, short_rnn="lstm", session_gap=40.0),
     "lsti_concat_long_short": LSTIConfig(hidden=16, inner=32, short_len=12, fusion="id", user_fusion="concat"),
     "lsti_short_only": LSTIConfig(hidden=16, short_len=5, fusion="text", use_long=False),
+    "lsti_gate_length": LSTIConfig(hidden=16, inner=32, short_len=3, gate_length=True),  # gate sees events known
     # experiment=lsti_prefix's model: post-LN, positions counted from the oldest event in the window
     "lsti_prefix": LSTIConfig(hidden=16, inner=32, short_len=3, norm="post", positions="absolute",
                               ff_dropout="output"),

@@ -246,12 +246,14 @@ class _LSTIEncoder:
         if not state.items:
             return None
         long, short = state.cache.get("long"), self._short_vector(state)
-        elapsed = None
+        elapsed = known = None
         if long is not None and short is not None and self.cfg.user_fusion == "gate":
             gap = 0 if now is None else now - state.times[-1]
             elapsed = self.model.elapsed_feature(torch.tensor([float(gap)], device=long.device), long.dtype)
+            # the events the forward would see: the latest `window`, of which the model keeps `long_len`
+            known = torch.tensor([min(len(state.items), self.rec.window, self.model.long_len)], device=long.device)
         batch = [None if v is None else v.unsqueeze(0) for v in (long, short)]  # 2-D for quantised Linear layers
-        return self.model.fuse(*batch, elapsed)[0]
+        return self.model.fuse(*batch, elapsed, known)[0]
 
 
 # ---------------------------------------------------------------------------------------------- recommender

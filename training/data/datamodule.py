@@ -90,11 +90,22 @@ def training_windows(data: SequenceData, max_len: int, stride: int | None, mode:
 
 
 class TrainWindows(Dataset):
-    """Indexed by a list of sample ids; returns a whole batch (no per-sample collation)."""
+    """Indexed by a list of sample ids, or `(epoch, ids)`; returns a whole batch (no per-sample collation).
+
+    `history_crop` > 0: that share of the windows is cut to a random number (uniform in 1..its events) of its
+    latest events, the older ones becoming padding with no loss. Without it, a window's newest columns always
+    follow a full window of context, so a model never trains on a short history at the positions that
+    evaluation uses for a user who has only a few events (`data.eval_history_cap`, new users). Which windows
+    are cut, and where, is a function of (`crop_seed`, epoch, batch): reruns and resumed runs cut alike.
+    """
 
     def __init__(self, data: SequenceData, max_len: int, stride: int | None = None, mode: str = "all",
-                 share_prefix: bool = False):
+                 share_prefix: bool = False, history_crop: float = 0.0, crop_seed: int = 0):
+        if not 0.0 <= float(history_crop) <= 1.0:
+            raise DataError(f"data.train_history_crop={history_crop}: must be a share of the training windows in "
+                            "[0, 1] (0 turns cropping off).")
         self.max_len = max_len
+        self.history_crop, self.crop_seed = float(history_crop), int(crop_seed)
         self.offsets = torch.from_numpy(data.offsets)
         self.items = torch.from_numpy(data.items)
         self.times = torch.from_numpy(data.times)
@@ -104,10 +115,22 @@ class TrainWindows(Dataset):
     def __len__(self) -> int:
         return int(self.users.shape[0])
 
-    def __getitem__(self, sample_ids: list[int] | torch.Tensor) -> dict[str, torch.Tensor]:
+    def _crop(self, valid: torch.Tensor, sample_ids: torch.Tensor, epoch: int) -> torch.Tensor:
+        """`valid` [B, L] (left padded) with a random `history_crop` share of rows cut to their latest m events."""
+        rng = np.random.default_rng((self.crop_seed, int(epoch), int(sample_ids[0]), int(sample_ids.shape[0])))
+        n = valid.sum(1).numpy()
+        cut = rng.random(n.shape[0]) < self.history_crop
+        keep = np.where(cut, rng.integers(1, np.maximum(n, 1) + 1), n)  # events kept per row
+        first_kept = torch.from_numpy(self.max_len - keep).unsqueeze(1)
+        return valid & (torch.arange(self.max_len) >= first_kept)
+
+    def __getitem__(self, key: list[int] | torch.Tensor | tuple[int, torch.Tensor]) -> dict[str, torch.Tensor]:
+        epoch, sample_ids = key if isinstance(key, tuple) else (0, key)
         s = torch.as_tensor(sample_ids, dtype=torch.int64)
         users, ends = self.users[s], self.ends[s]
         idx, valid = window_indices(self.offsets, users, ends, self.max_len)
+        if self.history_crop > 0 and s.shape[0] > 0:
+            valid = self._crop(valid, s, epoch)
         target_pos = idx + 1 - self.offsets[users].unsqueeze(1)  # event position of each target
         has_loss = valid & (target_pos >= self.first[s].unsqueeze(1))
         next_idx = (idx + 1).clamp_max(self.items.shape[0] - 1)
@@ -185,8 +208,10 @@ class ShardedBatchSampler(Sampler):
 
     PAD = -1
 
-    def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False):
+    def __init__(self, size: int, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False,
+                 with_epoch: bool = False):
         self.size, self.batch_size, self.shuffle, self.seed, self.drop_last = size, batch_size, shuffle, seed, drop_last
+        self.with_epoch = with_epoch  # yield (epoch, ids): lets the dataset draw per-epoch randomness (TrainWindows)
         self.epoch = 0
         self.skip_batches = 0  # skip this many batches on the next pass (whatever the epoch)
         self._resume: tuple[int, int] | None = None  # (epoch, batches already trained) from a checkpoint
@@ -228,7 +253,8 @@ class ShardedBatchSampler(Sampler):
         n_real = len(self._real_batches(idx.shape[0]))
         for b in range(skip, len(self)):
             if b < n_real:
-                yield idx[b * self.batch_size:(b + 1) * self.batch_size]
+                ids = idx[b * self.batch_size:(b + 1) * self.batch_size]
+                yield (self.epoch, ids) if self.with_epoch else ids
             else:  # evaluation padding: see the class docstring
                 yield torch.full((1,), self.PAD, dtype=torch.int64)
 
@@ -293,6 +319,7 @@ class SeqDataModule(L.LightningDataModule):
         train_stride: int | None = None,
         train_windows: str = "all",
         share_prefix_window: bool = False,
+        train_history_crop: float = 0.0,
         eval_history_cap: int | None = None,
         num_workers: int = 0,
         pin_memory: bool = False,
@@ -307,6 +334,10 @@ class SeqDataModule(L.LightningDataModule):
         self.max_len, self.batch_size, self.eval_batch_size = max_len, batch_size, eval_batch_size
         self.train_stride, self.train_windows = train_stride, train_windows
         self.share_prefix_window = bool(share_prefix_window)
+        if not 0.0 <= float(train_history_crop) <= 1.0:
+            raise DataError(f"data.train_history_crop={train_history_crop}: must be a share of the training windows "
+                            "in [0, 1] (0 turns cropping off).")
+        self.train_history_crop = float(train_history_crop)
         if eval_history_cap is not None and int(eval_history_cap) < 1:
             raise DataError(f"data.eval_history_cap={eval_history_cap}: must be >= 1, or null to evaluate on the "
                             "whole history.")
@@ -397,7 +428,8 @@ class SeqDataModule(L.LightningDataModule):
                         item_counts=torch.from_numpy(d.train_item_counts()))
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, name: str) -> DataLoader:
-        sampler = ShardedBatchSampler(len(dataset), batch_size, shuffle=shuffle, seed=self.seed)
+        sampler = ShardedBatchSampler(len(dataset), batch_size, shuffle=shuffle, seed=self.seed,
+                                      with_epoch=name == "train")
         self._samplers[name] = sampler
         # An own generator: creating an iterator then never draws from the global RNG (which dropout uses),
         # so a run resumed mid-epoch consumes random numbers exactly like an uninterrupted one.
@@ -418,7 +450,7 @@ class SeqDataModule(L.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(TrainWindows(self.prepare(), self.max_len, self.train_stride, self.train_windows,
-                                         self.share_prefix_window),
+                                         self.share_prefix_window, self.train_history_crop, self.seed),
                             self.batch_size, True, "train")
 
     def val_dataloader(self) -> DataLoader:

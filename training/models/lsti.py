@@ -14,7 +14,8 @@ User representation at every position t (causal):
 - short-term: a GRU over the last `short_len` events (or only the current session: events after the
   last gap longer than `session_gap` seconds), pooled by attention toward the latest state;
 - fusion: alpha = sigmoid(MLP([long, short, log1p(time since last event)])), user = alpha * long +
-  (1 - alpha) * short (as SLi-Rec), or a linear map of the concatenation.
+  (1 - alpha) * short (as SLi-Rec), or a linear map of the concatenation. `gate_length` adds the number of
+  events known (log scale) to the gate's input, so it can weigh the encoders by how much history there is.
 Scores are dot products with every item representation (full softmax).
 
 Language model (`text_mode`):
@@ -76,6 +77,7 @@ class LSTIConfig:
     # fusion of long and short
     user_fusion: str = "gate"  # gate | concat
     gate_hidden: int = 64
+    gate_length: bool = False  # the gate also sees how many events are known (log scale): short histories
     # language model: frozen (cached embeddings) | lora (PEFT LoRA on the encoder, trained end to end)
     text_mode: str = "frozen"
     text_path: str | None = None  # lora: the LM folder (conf/model/lsti_lora.yaml: ${.text.path}); None: MiniLM
@@ -242,7 +244,9 @@ class LSTI(SequenceRecommender):
             self.short_pool = AttentionPool(d)
         if cfg.use_long and cfg.use_short:
             if cfg.user_fusion == "gate":
-                self.gate = nn.Sequential(nn.Linear(2 * d + 1, cfg.gate_hidden), nn.GELU(), nn.Linear(cfg.gate_hidden, 1))
+                extra = 1 + int(cfg.gate_length)  # elapsed time [, events known]
+                self.gate = nn.Sequential(nn.Linear(2 * d + extra, cfg.gate_hidden), nn.GELU(),
+                                          nn.Linear(cfg.gate_hidden, 1))
             else:
                 self.concat = nn.Linear(2 * d, d)
         self.out_norm = nn.LayerNorm(d)
@@ -422,25 +426,32 @@ class LSTI(SequenceRecommender):
         rows = None if queries is None else queries[0]
         long = self._long(x, items, times, users, query_mask, rows) if cfg.use_long else None
         short = self._short(x, items, times, queries) if cfg.use_short else None
-        elapsed = None
+        elapsed = known = None
         if long is not None and short is not None and cfg.user_fusion == "gate":
             if query_times is None:
                 elapsed = torch.zeros_like(times, dtype=x.dtype)
             else:
                 elapsed = self.elapsed_feature(query_times[:, -items.shape[1]:] - times, x.dtype)
+            known = (items > 0).cumsum(1) if cfg.gate_length else None  # events up to each position
             if queries is not None:
                 elapsed = elapsed[queries]
-        return self.fuse(long, short, elapsed)
+                known = None if known is None else known[queries]
+        return self.fuse(long, short, elapsed, known)
 
     @staticmethod
     def elapsed_feature(gap: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """The gate's time input: log1p(seconds between the event and the request) / 10."""
         return torch.log1p(gap.clamp_min(0).to(dtype)) / 10
 
+    def length_feature(self, known: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """The gate's history-length input (`gate_length`): log1p(events known) / log1p(long_len), in [0, 1]."""
+        return torch.log1p(known.clamp_min(0).to(dtype)) / math.log1p(self.long_len)
+
     def fuse(self, long: torch.Tensor | None, short: torch.Tensor | None,
-             elapsed: torch.Tensor | None = None) -> torch.Tensor:
-        """User state from the long/short encoder outputs [..., D] (either may be None when disabled) and the
-        gate's `elapsed_feature` [...]. Shared by `forward` and the incremental serving path."""
+             elapsed: torch.Tensor | None = None, known: torch.Tensor | None = None) -> torch.Tensor:
+        """User state from the long/short encoder outputs [..., D] (either may be None when disabled), the
+        gate's `elapsed_feature` [...] and, with `gate_length`, the number of events known [...]. Shared by
+        `forward` and the incremental serving path."""
         if long is None:
             user = short
         elif short is None:
@@ -450,7 +461,12 @@ class LSTI(SequenceRecommender):
         else:
             if elapsed is None:
                 elapsed = torch.zeros(long.shape[:-1], dtype=long.dtype, device=long.device)
-            alpha = torch.sigmoid(self.gate(torch.cat([long, short, elapsed.unsqueeze(-1)], dim=-1)))
+            inputs = [long, short, elapsed.unsqueeze(-1)]
+            if self.cfg.gate_length:
+                if known is None:
+                    raise ValueError("LSTI.fuse: model.gate_length=true needs the number of events known.")
+                inputs.append(self.length_feature(known, long.dtype).unsqueeze(-1))
+            alpha = torch.sigmoid(self.gate(torch.cat(inputs, dim=-1)))
             self.last_gate = alpha.detach()
             user = alpha * long + (1 - alpha) * short
         return self.out_norm(user)
