@@ -50,6 +50,10 @@ SUITES: dict[str, dict[str, list[str]]] = {
         # ID dropout (a random 20% of ID vectors zeroed per step); capped at 25 epochs for the CPU budget, which can
         # only cost LSTI (it peaks by epoch 17 on every seed without it)
         "lsti_id_dropout": ["experiment=lsti_prefix", "model.id_dropout=0.2", "trainer.max_epochs=25"],
+        # short histories at training too (see the crop suite); with positions counted from the oldest event
+        # this is what a capped evaluation shows the model
+        "sasrec_crop": ["experiment=sasrec_prefix", "data.train_history_crop=0.3"],
+        "lsti_crop": ["experiment=lsti_prefix", "data.train_history_crop=0.3"],
     },
     # Training on short histories too (data.train_history_crop: a share of the training windows cut to a random
     # number of their latest events), for both models, and LSTI's gate told how many events are known.
