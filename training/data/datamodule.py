@@ -89,6 +89,14 @@ def training_windows(data: SequenceData, max_len: int, stride: int | None, mode:
     return sample_user, ends, first_loss
 
 
+def checked_crop(share: float) -> float:
+    """`data.train_history_crop` as a float in [0, 1], or a DataError naming the setting."""
+    if not 0.0 <= float(share) <= 1.0:
+        raise DataError(f"data.train_history_crop={share}: must be a share of the training windows in [0, 1] "
+                        "(0 turns cropping off).")
+    return float(share)
+
+
 class TrainWindows(Dataset):
     """Indexed by a list of sample ids, or `(epoch, ids)`; returns a whole batch (no per-sample collation).
 
@@ -101,11 +109,8 @@ class TrainWindows(Dataset):
 
     def __init__(self, data: SequenceData, max_len: int, stride: int | None = None, mode: str = "all",
                  share_prefix: bool = False, history_crop: float = 0.0, crop_seed: int = 0):
-        if not 0.0 <= float(history_crop) <= 1.0:
-            raise DataError(f"data.train_history_crop={history_crop}: must be a share of the training windows in "
-                            "[0, 1] (0 turns cropping off).")
         self.max_len = max_len
-        self.history_crop, self.crop_seed = float(history_crop), int(crop_seed)
+        self.history_crop, self.crop_seed = checked_crop(history_crop), int(crop_seed)
         self.offsets = torch.from_numpy(data.offsets)
         self.items = torch.from_numpy(data.items)
         self.times = torch.from_numpy(data.times)
@@ -334,10 +339,7 @@ class SeqDataModule(L.LightningDataModule):
         self.max_len, self.batch_size, self.eval_batch_size = max_len, batch_size, eval_batch_size
         self.train_stride, self.train_windows = train_stride, train_windows
         self.share_prefix_window = bool(share_prefix_window)
-        if not 0.0 <= float(train_history_crop) <= 1.0:
-            raise DataError(f"data.train_history_crop={train_history_crop}: must be a share of the training windows "
-                            "in [0, 1] (0 turns cropping off).")
-        self.train_history_crop = float(train_history_crop)
+        self.train_history_crop = checked_crop(train_history_crop)  # fail at construction, not at the first epoch
         if eval_history_cap is not None and int(eval_history_cap) < 1:
             raise DataError(f"data.eval_history_cap={eval_history_cap}: must be >= 1, or null to evaluate on the "
                             "whole history.")
