@@ -161,17 +161,14 @@ def _client_data(spec_str: str, partition_id: int) -> ClientData:
     dm = datamodule(spec)
     users = parts[partition_id]
     local = dm.prepare().subset_users(users)
-    max_len = int(spec["data"].get("max_len", 50))
     try:
-        train = TrainWindows(local, max_len, spec["data"].get("train_stride"), spec["data"].get("train_windows", "all"),
-                             bool(spec["data"].get("share_prefix_window", False)), dm.train_history_crop,
-                             _seed(spec["seed"], 0, partition_id))
+        train = dm.make_train_windows(local, crop_seed=_seed(spec["seed"], 0, partition_id))
     except ValueError:
         train = None  # no user with two training events: this client can only evaluate
     num_targets = int(np.clip(local.train_end - 1, 0, None).sum())
-    cap = dm.eval_history_cap  # data.eval_history_cap: the short-history study applies to federated evaluation too
-    return ClientData(partition_id, users, local, train, EvalQueries(local, local.valid, max_len, cap),
-                      EvalQueries(local, local.test, max_len, cap), num_targets)
+    # the datamodule's window and data.eval_history_cap (the short-history study) apply to federated evaluation too
+    return ClientData(partition_id, users, local, train, dm.make_eval_queries("valid", local),
+                      dm.make_eval_queries("test", local), num_targets)
 
 
 def client_data(spec: dict, partition_id: int) -> ClientData:
@@ -398,11 +395,7 @@ class GlobalModel:
                         p.zero_()
         self.names = shared_names(self.module, spec)
         dm = datamodule(spec)
-        data = dm.prepare()
-        max_len = int(spec["data"].get("max_len", 50))
-        cap = dm.eval_history_cap
-        self.queries = {"valid": EvalQueries(data, data.valid, max_len, cap),
-                        "test": EvalQueries(data, data.test, max_len, cap)}
+        self.queries = {split: dm.make_eval_queries(split) for split in ("valid", "test")}
         self.eval_batch_size = int(spec["data"].get("eval_batch_size", 512))
 
     def initial(self) -> dict[str, np.ndarray]:

@@ -450,18 +450,27 @@ class SeqDataModule(L.LightningDataModule):
             return 0
         return int(trainer.fit_loop.epoch_loop.batch_progress.current.processed)
 
+    def make_train_windows(self, data: SequenceData | None = None, crop_seed: int | None = None) -> TrainWindows:
+        """The training samples of `data` (default: the whole data set) under this module's settings; federated
+        clients build theirs from their own users this way."""
+        return TrainWindows(self.prepare() if data is None else data, self.max_len, self.train_stride,
+                            self.train_windows, self.share_prefix_window, self.train_history_crop,
+                            self.seed if crop_seed is None else crop_seed)
+
+    def make_eval_queries(self, split: str, data: SequenceData | None = None) -> EvalQueries:
+        """The `split` ("valid" | "test") queries of `data` (default: the whole data set) under this module's
+        settings (window, history cap)."""
+        d = self.prepare() if data is None else data
+        return EvalQueries(d, getattr(d, split), self.max_len, self.eval_history_cap)
+
     def train_dataloader(self) -> DataLoader:
-        return self._loader(TrainWindows(self.prepare(), self.max_len, self.train_stride, self.train_windows,
-                                         self.share_prefix_window, self.train_history_crop, self.seed),
-                            self.batch_size, True, "train")
+        return self._loader(self.make_train_windows(), self.batch_size, True, "train")
 
     def val_dataloader(self) -> DataLoader:
-        d = self.prepare()
-        return self._loader(EvalQueries(d, d.valid, self.max_len, self.eval_history_cap), self.eval_batch_size, False, "val")
+        return self._loader(self.make_eval_queries("valid"), self.eval_batch_size, False, "val")
 
     def test_dataloader(self) -> DataLoader:
-        d = self.prepare()
-        return self._loader(EvalQueries(d, d.test, self.max_len, self.eval_history_cap), self.eval_batch_size, False, "test")
+        return self._loader(self.make_eval_queries("test"), self.eval_batch_size, False, "test")
 
     def describe(self) -> str:
         d = self.prepare()
