@@ -217,10 +217,15 @@ def build_module(spec: dict, num_users: int | None = None, item_counts: torch.Te
                    "train_items": base.item_counts > 0}  # the global training catalogue, not the client's
         if getattr(base.model, "item_text", None) is not None:
             tensors["item_text"] = base.model.item_text
+        profiles = _local_profiles(getattr(base.model, "user_text", None), user_index)
+        if profiles is not None:
+            tensors["user_text"] = profiles
         module = LitRecommender(model=hp["model"], info=info, optim=spec["optim"] or hp.get("optim"),
                                 loss=spec["loss"] or hp.get("loss"), evaluation=spec["evaluation"] or hp.get("evaluation"),
                                 item_tensors=tensors, data=hp.get("data"))
         state = {k: v for k, v in base.state_dict().items() if k != "item_counts"}
+        if profiles is not None:
+            state["model.user_text"] = profiles
         if num_users is not None and user_index is not None:
             private = set(private_names(module, spec))
             for k in list(state):
@@ -236,11 +241,23 @@ def build_module(spec: dict, num_users: int | None = None, item_counts: torch.Te
         tensors = dict(tensors)
         if item_counts is not None:
             tensors["item_counts"] = item_counts
+        if tensors.get("user_text") is not None:
+            tensors["user_text"] = _local_profiles(tensors["user_text"], user_index)
         info = dict(info, num_users=num_users or info["num_users"])
         module = LitRecommender(model=spec["model"], info=info, optim=spec["optim"], loss=spec["loss"],
                                 evaluation=spec["evaluation"], item_tensors=tensors, data=spec["data"])
     freeze_unshared(module, spec)
     return module
+
+
+def _local_profiles(table: torch.Tensor | None, user_index: np.ndarray | None) -> torch.Tensor | None:
+    """Users' profile embeddings (model.user_profile) as a party holds them: a client the rows of its own users,
+    the server's global model none (zeros). A buffer, never a parameter, so it is never exchanged either."""
+    if table is None:
+        return None
+    if user_index is None:
+        return torch.zeros_like(table)
+    return table[torch.as_tensor(user_index, dtype=torch.long)].clone()
 
 
 def client_module(spec: dict, cd: ClientData) -> LitRecommender:

@@ -64,6 +64,10 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "sasrec_crop": ["model=sasrec", "data.train_history_crop=0.3"],
         "lsti_crop": ["model=lsti", "data.train_history_crop=0.3"],
         "lsti_crop_len": ["model=lsti", "data.train_history_crop=0.3", "model.gate_length=true"],
+        # + the user's profile text (age, gender, occupation) through the language model: what is known of a user
+        # besides the events, so it should matter most where there are few events
+        "lsti_crop_len_profile": ["model=lsti", "data.train_history_crop=0.3", "model.gate_length=true",
+                                  "model.user_profile=true"],
     },
     "coldstart": {
         "pop": ["model=pop"],

@@ -141,7 +141,8 @@ class LitRecommender(L.LightningModule):
         data_info = DataInfo(num_items=info["num_items"], num_users=info["num_users"], max_len=info["max_len"],
                              item_counts=counts if counts is not None else torch.zeros(n, dtype=torch.int64),
                              item_text=text, text_dim=info.get("text_dim", 0), item_texts=tensors.get("item_texts"),
-                             train_items=tensors.get("train_items"))
+                             train_items=tensors.get("train_items"), user_text=tensors.get("user_text"),
+                             user_text_dim=info.get("user_text_dim", 0))
         self.model = build_model(model, data_info)
         self.optim_cfg, self.loss_cfg, self.eval_cfg = OptimConfig(**optim), LossConfig(**loss), EvalConfig(**evaluation)
         self.register_buffer("item_counts", data_info.item_counts.to(torch.int64).clone(), persistent=True)

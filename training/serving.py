@@ -331,6 +331,8 @@ class Recommender:
         limits = [getattr(model, "max_len", None), getattr(model, "long_len", None)]  # SASRec / LSTI truncate
         self.window = min([window, *[int(n) for n in limits if n is not None]])
         self.uses_users = isinstance(model, LSTI) and getattr(model, "user_emb", None) is not None
+        # profile models (model.user_profile) use a known user's profile and serve anyone else without one
+        self.uses_profiles = isinstance(model, LSTI) and bool(getattr(model.cfg, "user_profile", False))
         if isinstance(model, GRU4Rec):
             self.encoder: Any = _GRU4RecEncoder(self)
         elif isinstance(model, LSTI):
@@ -386,6 +388,9 @@ class Recommender:
         return index
 
     def _user_to_index(self, user: Any) -> int:
+        if self.uses_profiles and not self.uses_users:
+            known = user is not None and self.user_index is not None and str(user) in self.user_index
+            return self.user_index[str(user)] if known else -1  # -1: no profile (a new user)
         if not self.uses_users:
             return 0
         if user is None or self.user_index is None or str(user) not in self.user_index:
@@ -500,7 +505,8 @@ class Recommender:
                      query_times: torch.Tensor | None = None) -> torch.Tensor:
         """User vectors [B, D] after the last event of left-padded windows [B, W] of internal ids: the model's
         own forward, exactly as evaluation runs it (the reference the incremental path is tested against)."""
-        users = torch.zeros(items.shape[0], dtype=torch.int64) if users is None else users
+        if users is None:  # no users given: row 0 for user-embedding models, no profile for profile models
+            users = torch.full((items.shape[0],), -1 if self.uses_profiles else 0, dtype=torch.int64)
         with torch.inference_mode():
             out = self.model(items.to(self.device), times.to(self.device), users.to(self.device),
                              query_times=None if query_times is None else query_times.to(self.device),

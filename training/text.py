@@ -144,46 +144,66 @@ def _cell(value: Any) -> Any:
     return value
 
 
+def _render_rows(table: pd.DataFrame | None, template: str, ids: Sequence[str], key: str) -> list[str | None]:
+    """`template` rendered with the row of `table` whose `key` column equals each id; None where no row."""
+    fields = _template_fields(template)
+    if table is None:
+        table = pd.DataFrame({key: pd.Series([], dtype=str)})
+    if key not in table.columns:
+        raise TextModelError(f"the {key} table has no '{key}' column (columns: {list(table.columns)}); "
+                             f"readers must name the raw {key} id column '{key}'.")
+    columns = [c for c in table.columns if c != key]
+    missing = [f for f in fields if f not in columns]
+    if missing and len(table):
+        raise TextModelError(f"text template {template!r} uses field(s) {missing} that the {key} table lacks; "
+                             f"available columns: {columns}.")
+    table = table.drop_duplicates(key, keep="first") if len(table) else table
+    keys = table[key].astype(str).tolist()
+    values = [table[f].tolist() for f in fields] if len(table) else []
+    rows = {k: {f: _cell(col[r]) for f, col in zip(fields, values)} for r, k in enumerate(keys)}
+    texts: list[str | None] = []
+    for raw in (str(i) for i in ids):
+        row = rows.get(raw)
+        if row is None:
+            texts.append(None)
+            continue
+        try:
+            texts.append(template.format_map(row))
+        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
+            raise TextModelError(f"text template {template!r} failed for {key} {raw!r} ({row}): "
+                                 f"{type(e).__name__}: {e}.") from e
+    return texts
+
+
 def render_item_texts(items: pd.DataFrame | None, template: str, item_ids: Sequence[str]) -> list[str]:
     """One text per model item index, aligned with `item_ids` (index 0, the padding, gets "").
 
     Items without a row in `items` get "item <raw id>" (with one warning counting them) so a partial
     item table still yields a full embedding table.
     """
-    fields = _template_fields(template)
     ids = [str(i) for i in item_ids]
-    if items is None:
-        items = pd.DataFrame({"item": pd.Series([], dtype=str)})
-    if "item" not in items.columns:
-        raise TextModelError(f"the item table has no 'item' column (columns: {list(items.columns)}); "
-                             "readers must name the raw item id column 'item'.")
-    columns = [c for c in items.columns if c != "item"]
-    missing = [f for f in fields if f not in columns]
-    if missing and len(items):
-        raise TextModelError(f"text template {template!r} uses field(s) {missing} that the item table lacks; "
-                             f"available columns: {columns}.")
-    table = items.drop_duplicates("item", keep="first") if len(items) else items
-    keys = table["item"].astype(str).tolist()
-    values = [table[f].tolist() for f in fields] if len(items) else []
-    rows = {k: {f: _cell(col[r]) for f, col in zip(fields, values)} for r, k in enumerate(keys)}
-
-    texts = [PAD_TEXT]
-    n_missing = 0
-    for raw in ids[1:]:
-        row = rows.get(raw)
-        if row is None:
-            n_missing += 1
-            texts.append(f"item {raw}")
-            continue
-        try:
-            texts.append(template.format_map(row))
-        except (ValueError, TypeError, KeyError, AttributeError, IndexError) as e:
-            raise TextModelError(f"text template {template!r} failed for item {raw!r} ({row}): "
-                                 f"{type(e).__name__}: {e}.") from e
+    rendered = _render_rows(items, template, ids[1:], "item")
+    n_missing = sum(t is None for t in rendered)
     if n_missing:
         warnings.warn(f"{n_missing} of {len(ids) - 1} items have no row in the item table; their text is "
                       "'item <raw id>'.", DataWarning, stacklevel=2)
-    return texts
+    return [PAD_TEXT] + [f"item {raw}" if t is None else t for raw, t in zip(ids[1:], rendered)]
+
+
+def render_user_texts(users: pd.DataFrame | None, template: str, user_ids: Sequence[str]) -> list[str | None]:
+    """One profile text per model user index, aligned with `user_ids` (no padding row); None for a user
+    without a row in `users` (no profile: that user's embedding is zeros). Raises if no user has a row,
+    since then the option would silently do nothing."""
+    rendered = _render_rows(users, template, user_ids, "user")
+    n_missing = sum(t is None for t in rendered)
+    if rendered and n_missing == len(rendered):
+        raise TextModelError("model.user_profile=true needs a user table with one row per user (RecBole "
+                             "`<name>.user`, column `user_id:token`), but none of the data's users has a row in it: "
+                             "add the file or set model.user_profile=false.")
+    if n_missing:
+        warnings.warn(f"{n_missing} of {len(rendered)} users have no row in the user table; their profile "
+                      "embedding is zeros.", DataWarning, stacklevel=2)
+    return rendered
 
 
 # ----------------------------------------------------------------------------- encoder
@@ -320,7 +340,7 @@ class TextEncoder(nn.Module):
         self.model.eval()
         try:
             with torch.inference_mode():
-                for start in tqdm(range(0, len(order), batch_size), desc="encoding item texts",
+                for start in tqdm(range(0, len(order), batch_size), desc="encoding texts",
                                   unit="batch", disable=not progress):
                     idx = order[start:start + batch_size]
                     batch = self._pad([ids[i] for i in idx])
@@ -369,10 +389,33 @@ def item_text_embeddings(items_df: pd.DataFrame | None, item_ids: Sequence[str],
     Cached under `cache_dir` (default: `paths.cache_dir("embeddings")`) as `<key>.pt` plus a `<key>.json`
     describing the key; a hit returns without loading the language model.
     """
+    texts = render_item_texts(items_df, template, item_ids)
+    return cached_text_embeddings(texts, [False] + [True] * (len(texts) - 1), template, model_path, pooling,
+                                  max_length, batch_size, cache_dir, normalize, device, dtype, progress)
+
+
+def user_text_embeddings(users_df: pd.DataFrame | None, user_ids: Sequence[str], template: str,
+                         model_path: str | os.PathLike | None = None, pooling: str = "mean",
+                         max_length: int = 64, batch_size: int = 64, cache_dir: str | os.PathLike | None = None,
+                         normalize: bool = False, device: torch.device | str | None = None,
+                         dtype: torch.dtype | str | None = None, progress: bool = True) -> torch.Tensor:
+    """[U, D] float32 embeddings of the users' profile texts aligned with `user_ids` (zeros for users without
+    a profile row), cached like `item_text_embeddings`."""
+    rendered = render_user_texts(users_df, template, user_ids)
+    texts = ["" if t is None else t for t in rendered]
+    return cached_text_embeddings(texts, [t is not None for t in rendered], template, model_path, pooling,
+                                  max_length, batch_size, cache_dir, normalize, device, dtype, progress)
+
+
+def cached_text_embeddings(texts: Sequence[str], encode: Sequence[bool], template: str,
+                           model_path: str | os.PathLike | None = None, pooling: str = "mean",
+                           max_length: int = 64, batch_size: int = 64, cache_dir: str | os.PathLike | None = None,
+                           normalize: bool = False, device: torch.device | str | None = None,
+                           dtype: torch.dtype | str | None = None, progress: bool = True) -> torch.Tensor:
+    """[len(texts), D] float32 embeddings of `texts`; rows with `encode` False are zeros and never encoded."""
     if pooling not in POOLINGS:
         raise TextModelError(f"text pooling={pooling!r}: use one of {POOLINGS}.")
     resolved = resolve_model_path(model_path)
-    texts = render_item_texts(items_df, template, item_ids)
     key, fields = embedding_cache_key(resolved, pooling, max_length, normalize, template, texts)
     if cache_dir is None:
         from training.paths import cache_dir as project_cache_dir
@@ -391,14 +434,17 @@ def item_text_embeddings(items_df: pd.DataFrame | None, item_ids: Sequence[str],
         except Exception as e:  # a corrupt file should cost a recompute, not a failed run
             warnings.warn(f"ignoring unreadable text-embedding cache {path} ({e}); recomputing.", stacklevel=2)
 
+    rows = [i for i, keep in enumerate(encode) if keep]
     encoder = TextEncoder(resolved, pooling=pooling, max_length=max_length, normalize=normalize,
                           device=device, dtype=dtype)
     table = torch.zeros(len(texts), encoder.dim)
-    table[1:] = encoder.encode(texts[1:], batch_size=batch_size, progress=progress)
+    if rows:
+        table[torch.as_tensor(rows)] = encoder.encode([texts[i] for i in rows], batch_size=batch_size,
+                                                      progress=progress)
     del encoder
 
     sidecar = dict(fields, key=key, dim=int(table.shape[1]), rows=int(table.shape[0]),
-                   examples=texts[1:4])
+                   examples=[texts[i] for i in rows[:3]])
     _atomic_write(path, lambda tmp: torch.save(table, tmp))
     _atomic_write(folder / f"{key}.json", lambda tmp: Path(tmp).write_text(json.dumps(sidecar, indent=2) + "\n"))
     return table

@@ -56,6 +56,19 @@ def item_tensors(cfg: DictConfig, dm) -> tuple[dict, dict]:
         from training.text import render_item_texts
 
         tensors["item_texts"] = render_item_texts(dm.load_items_frame(), text_cfg.template, list(dm.prepare().item_ids))
+    if getattr(model_cfg, "user_profile", False):
+        from training.text import user_text_embeddings
+
+        template = (text_cfg or {}).get("user_template")
+        if not template:
+            raise ValueError("model.user_profile=true needs model.text.user_template, a format string over the user "
+                             "table's columns (e.g. '{age} year old {gender} {occupation}').")
+        text_cfg = text_cfg or {}
+        tensors["user_text"] = user_text_embeddings(
+            dm.load_users_frame(), list(dm.prepare().user_ids), template, model_path=text_cfg.get("path"),
+            pooling=text_cfg.get("pooling", "mean"), max_length=text_cfg.get("max_length", 64),
+            batch_size=text_cfg.get("batch_size", 64))
+        info.user_text_dim = int(tensors["user_text"].shape[1])
     return tensors, info.scalars()
 
 

@@ -296,8 +296,9 @@ class TrainLoader(DataLoader):
 class SourceConfig:
     """Where interactions (and item text) come from.
 
-    kind: ml100k (bundled default), atomic (RecBole atomic files `path/<name>.inter`), table
-    (CSV/TSV/Parquet at `path` with a column mapping; item text from `items_path`), synthetic.
+    kind: ml100k (bundled default), atomic (RecBole atomic files `path/<name>.inter`, item text from
+    `.item`, user profiles from `.user`), table (CSV/TSV/Parquet at `path` with a column mapping; item text
+    from `items_path`, user profiles from `users_path`), synthetic.
     """
 
     kind: str = "ml100k"
@@ -306,6 +307,8 @@ class SourceConfig:
     columns: dict | None = None
     items_path: str | None = None
     item_column: str | None = None
+    users_path: str | None = None
+    user_column: str | None = None
     sep: str | None = None
     time_format: str | None = None
     synthetic: dict | None = None
@@ -347,11 +350,13 @@ class SeqDataModule(L.LightningDataModule):
         self.num_workers, self.pin_memory, self.seed, self.use_cache = num_workers, pin_memory, seed, cache
         self.data: SequenceData | None = None
         self.items_frame = None  # raw item table (text fields), when the source has one
+        self.users_frame = None  # raw user table (profile fields), when the source has one
         self._samplers: dict[str, ShardedBatchSampler] = {}
         self._train_resume: dict | None = None  # {"epoch", "batches"} from a checkpoint (mid-epoch resume)
 
     # ---------------------------------------------------------------- reading
-    def _read(self) -> tuple[Any, Any, str]:
+    def _read(self) -> tuple[Any, Any, Any, str]:
+        """(interactions, item table or None, user table or None, source name)."""
         from training.data import readers
 
         s = self.source
@@ -359,26 +364,28 @@ class SeqDataModule(L.LightningDataModule):
             from training.data.movielens import ml100k_dir
 
             atomic = readers.read_atomic(ml100k_dir() if s.path is None else s.path, s.name or "ml-100k", columns=s.columns)
-            return atomic.interactions, atomic.items, "ml-100k"
+            return atomic.interactions, atomic.items, atomic.users, "ml-100k"
         if s.kind == "atomic":
             if not s.path or not s.name:
                 raise DataError("data.source.kind=atomic needs data.source.path (a directory) and data.source.name.")
             atomic = readers.read_atomic(s.path, s.name, columns=s.columns)
-            return atomic.interactions, atomic.items, f"{s.path}/{s.name}"
+            return atomic.interactions, atomic.items, atomic.users, f"{s.path}/{s.name}"
         if s.kind == "table":
             if not s.path or not s.columns:
                 raise DataError("data.source.kind=table needs data.source.path and data.source.columns "
                                 "({user: ..., item: ..., time: ..., rating: optional}).")
             inter = readers.read_table(s.path, s.columns, sep=s.sep, time_format=s.time_format)
-            items = None
+            items = users = None
             if s.items_path:
                 items = readers.read_items_table(s.items_path, s.item_column or s.columns.get("item", "item"), sep=s.sep)
-            return inter, items, str(s.path)
+            if s.users_path:
+                users = readers.read_users_table(s.users_path, s.user_column or s.columns.get("user", "user"), sep=s.sep)
+            return inter, items, users, str(s.path)
         if s.kind == "synthetic":
             from training.data import synthetic
 
             gen = synthetic.generate(**(s.synthetic or {}))
-            return gen.interactions, gen.items, "synthetic"
+            return gen.interactions, gen.items, getattr(gen, "users", None), "synthetic"
         raise DataError(f"data.source.kind={s.kind!r}: use ml100k, atomic, table or synthetic.")
 
     def _fingerprint(self) -> dict:
@@ -406,7 +413,7 @@ class SeqDataModule(L.LightningDataModule):
             self.data = SequenceData.load(path)
             log.info("sequences loaded from cache %s", path)
         else:
-            inter, _, name = self._read()
+            inter, _, _, name = self._read()
             self.data = build_sequences(inter, self.preprocess, source=name)
             if self.use_cache and _dist()[0] == 0:
                 self.data.save(path)
@@ -416,8 +423,14 @@ class SeqDataModule(L.LightningDataModule):
     def load_items_frame(self):
         """The raw item table (for text templates); read lazily because only text models need it."""
         if self.items_frame is None:
-            _, self.items_frame, _ = self._read()
+            _, self.items_frame, self.users_frame, _ = self._read()
         return self.items_frame
+
+    def load_users_frame(self):
+        """The raw user table (profile texts for `model.user_profile`), or None when the source has none."""
+        if self.users_frame is None:
+            _, self.items_frame, self.users_frame, _ = self._read()
+        return self.users_frame
 
     def setup(self, stage: str | None = None) -> None:
         self.prepare()

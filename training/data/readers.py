@@ -28,7 +28,7 @@ import pyarrow.parquet as pq
 
 from training.data.errors import DataError, DataWarning
 
-__all__ = ["AtomicData", "DEFAULT_COLUMNS", "read_atomic", "read_items_table", "read_table"]
+__all__ = ["AtomicData", "DEFAULT_COLUMNS", "read_atomic", "read_items_table", "read_table", "read_users_table"]
 
 DEFAULT_COLUMNS: dict[str, str] = {
     "user": "user_id",
@@ -712,3 +712,15 @@ def read_items_table(
             _File(Path("interactions"), None, False), file, interactions["item"], frame["item"]
         )
     return frame
+
+
+def read_users_table(path: str | Path, user_column: str, sep: str | None = None) -> pd.DataFrame:
+    """Read a user table (CSV/TSV/Parquet; profile fields for `model.user_profile`) -> frame with `user` (str)
+    and the other columns unchanged."""
+    file = _table_file(path, sep)
+    names = _table_columns(file)
+    if user_column not in names:
+        raise _missing_column(file.path, "user", user_column, names, "data.source.user_column")
+    table = _load_table(file, names, names, multiline=True)
+    frame = table.to_pandas() if file.parquet else _frame(file, table, names, None)
+    return _keyed(file, frame, table, user_column, "user")

@@ -284,7 +284,12 @@ class DataInfo:
     # [N+1] bool: items with a training interaction anywhere in the data set (the global catalogue, also for a
     # federated client); None: unknown (a model rebuilt to load a checkpoint), treat every item as trained.
     train_items: torch.Tensor | None = None
+    user_text: torch.Tensor | None = None  # [U, H] profile-text embeddings (model.user_profile)
+    user_text_dim: int = 0
 
     def scalars(self) -> dict:
-        return {"num_items": self.num_items, "num_users": self.num_users, "max_len": self.max_len,
-                "text_dim": self.text_dim}
+        out = {"num_items": self.num_items, "num_users": self.num_users, "max_len": self.max_len,
+               "text_dim": self.text_dim}
+        if self.user_text_dim:
+            out["user_text_dim"] = self.user_text_dim
+        return out

@@ -73,12 +73,14 @@ DAY = 86_400
 
 @dataclass
 class SyntheticData:
-    """Generated log (`interactions`: user, item, time), item table (item, group, title) and the truth."""
+    """Generated log (`interactions`: user, item, time), item table (item, group, title), user table (user,
+    likes: the names of the user's long-term groups, a profile that tells the truth) and the truth."""
 
     interactions: pd.DataFrame
     items: pd.DataFrame
     truth: dict[str, np.ndarray]
     params: dict = field(default_factory=dict)
+    users: pd.DataFrame | None = None
 
 
 def _check(condition: bool, message: str) -> None:
@@ -245,6 +247,11 @@ def generate(
     ).cast(pa.string())
     titles = pc.binary_join_element_wise(words, adjectives, pa.scalar("item"), item_names, " ")
     items = pd.DataFrame({"item": item_names.to_pandas(), "group": item_group, "title": titles.to_pandas()})
+    group_names = np.asarray(_group_names(G), dtype=object)
+    likes = group_names[long_groups[:, 0]]
+    for j in range(1, K):
+        likes = likes + " " + group_names[long_groups[:, j]]
+    users = pd.DataFrame({"user": user_names.to_pandas(), "likes": likes.astype(str)})
     truth = {
         "item_group": item_group,
         "item_popularity": item_popularity,
@@ -270,11 +277,12 @@ def generate(
         "seed": seed,
         "seconds": time.perf_counter() - t0,
     }
-    return SyntheticData(interactions, items, truth, params)
+    return SyntheticData(interactions, items, truth, params, users)
 
 
 def write_atomic(data: SyntheticData, directory: str | Path, name: str) -> Path:
-    """Write `<directory>/<name>.inter` and `.item` in RecBole atomic format (round-trips via read_atomic)."""
+    """Write `<directory>/<name>.inter`, `.item` and `.user` in RecBole atomic format (round-trips via
+    read_atomic)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     options = pacsv.WriteOptions(include_header=False, delimiter="\t", quoting_style="none")
@@ -292,7 +300,10 @@ def write_atomic(data: SyntheticData, directory: str | Path, name: str) -> Path:
         ("group", "token", items["group"].astype(str)),
         ("title", "token_seq", items["title"]),
     ]
-    for suffix, cols in (("inter", columns), ("item", item_columns)):
+    files = [("inter", columns), ("item", item_columns)]
+    if data.users is not None:
+        files.append(("user", [("user_id", "token", data.users["user"]), ("likes", "token_seq", data.users["likes"])]))
+    for suffix, cols in files:
         path = directory / f"{name}.{suffix}"
         with open(path, "wb") as handle:
             handle.write(("\t".join(f"{n}:{t}" for n, t, _ in cols) + "\n").encode())

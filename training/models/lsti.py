@@ -10,7 +10,8 @@ items' ID vectors at each training step, so the fusion learns to rank from text 
 
 User representation at every position t (causal):
 - long-term: causal self-attention over up to `long_len` events with learned positions and bucketed
-  log time-interval embeddings, plus an optional user-id embedding;
+  log time-interval embeddings, plus an optional user-id embedding and, with `user_profile`, the user's
+  profile text (e.g. "24 year old M technician") through the language model and an adapter;
 - short-term: a GRU over the last `short_len` events (or only the current session: events after the
   last gap longer than `session_gap` seconds), pooled by attention toward the latest state;
 - fusion: alpha = sigmoid(MLP([long, short, log1p(time since last event)])), user = alpha * long +
@@ -69,6 +70,9 @@ class LSTIConfig:
     time_buckets: int = 32
     use_time: bool = True
     user_embedding: bool = False
+    # the users' profile texts (e.g. age, gender, occupation) through the language model, adapted and added to
+    # the long-term state: what a model can know about a user with few events (DataInfo.user_text)
+    user_profile: bool = False
     # short-term encoder
     use_short: bool = True
     short_len: int = 10
@@ -105,6 +109,9 @@ class LSTIConfig:
         for name, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ValueError(f"model.{name}={value!r}: use one of {', '.join(allowed)}.")
+        if self.user_profile and not self.use_long:
+            raise ValueError("model.user_profile=true adds the profile to the long-term state, but model.use_long="
+                             "false: enable the long-term encoder or set user_profile=false.")
         if not (self.use_long or self.use_short):
             raise ValueError("model.use_long and model.use_short are both false: enable at least one encoder.")
         if self.short_len < 1:
@@ -238,6 +245,9 @@ class LSTI(SequenceRecommender):
             self.long_encoder = CausalEncoder(d, cfg.layers, cfg.heads, cfg.inner, cfg.dropout, cfg.attn_dropout,
                                               cfg.norm, cfg.ff_dropout)
             self.user_emb = nn.Embedding(info.num_users, d) if cfg.user_embedding else None
+            if cfg.user_profile:
+                self._register_user_profiles(info)
+                self.profile_adapter = TextAdapter(self.user_text.shape[1], d, "mlp", 1, cfg.adapter_dropout)
         if cfg.use_short:
             rnn = nn.GRU if cfg.short_rnn == "gru" else nn.LSTM
             self.short_rnn = rnn(d, d, batch_first=True)
@@ -344,6 +354,28 @@ class LSTI(SequenceRecommender):
         return table * (ids > 0).unsqueeze(-1).to(table.dtype)
 
     # ------------------------------------------------------------------ users
+    def _register_user_profiles(self, info: DataInfo) -> None:
+        """The users' profile-text embeddings [U, H] as a saved buffer (zeros rows: no profile). Without them
+        (a model rebuilt to load a checkpoint) a zero placeholder of `info.user_text_dim` columns is filled by
+        the state dict."""
+        table = info.user_text
+        if table is None:
+            if not info.user_text_dim:
+                raise ValueError("model.user_profile=true needs the users' profile embeddings (DataInfo.user_text, "
+                                 "built by training.train from the data's user table).")
+            table = torch.zeros(info.num_users, info.user_text_dim)
+        if table.shape[0] != info.num_users:
+            raise ValueError(f"DataInfo.user_text has {table.shape[0]} rows for {info.num_users} users.")
+        self.register_buffer("user_text", table.to(torch.float32).clone(), persistent=True)
+
+    def user_profiles(self, users: torch.Tensor) -> torch.Tensor:
+        """Adapted profile vectors [..., D] of `users`; zeros for users outside the table (e.g. -1, a user
+        unknown at serving) and for users without a profile row."""
+        inside = (users >= 0) & (users < self.user_text.shape[0])
+        text = self.user_text[users.clamp(0, self.user_text.shape[0] - 1)]
+        keep = inside & (text != 0).any(-1)
+        return self.profile_adapter(text) * keep.unsqueeze(-1).to(text.dtype)
+
     def _long(self, x: torch.Tensor, items: torch.Tensor, times: torch.Tensor, users: torch.Tensor,
               query_mask: torch.Tensor | None = None, query_rows: torch.Tensor | None = None) -> torch.Tensor:
         """Long-term states [B, L, D], or [Q, D] at the `query_mask` positions (row-major; `query_rows` are
@@ -363,6 +395,9 @@ class LSTI(SequenceRecommender):
         if self.user_emb is not None:
             user = self.user_emb(users.clamp(0, self.user_emb.num_embeddings - 1))
             out = out + (user.unsqueeze(1) if query_mask is None else user[query_rows])
+        if self.cfg.user_profile:
+            profile = self.user_profiles(users).to(out.dtype)
+            out = out + (profile.unsqueeze(1) if query_mask is None else profile[query_rows])
         return out
 
     def _short_windows(self, items: torch.Tensor, times: torch.Tensor, rows: torch.Tensor,
