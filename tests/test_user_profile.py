@@ -131,3 +131,22 @@ def test_federated_parties_hold_only_their_own_profiles(tmp_path):
     assert bool((server.model.user_text == 0).all())  # the server knows no profile
     shared = task.shared_names(local, spec)
     assert shared and not any("user_text" in n for n in shared)  # a buffer: never exchanged
+
+
+def test_table_sources_read_a_user_table(tmp_path):
+    from training.data.datamodule import SeqDataModule
+    from training.data.errors import DataError
+
+    inter = pd.DataFrame({"uid": ["a", "a", "b", "b", "b"], "sku": ["x", "y", "x", "z", "y"], "ts": [1, 2, 1, 2, 3]})
+    inter.to_csv(tmp_path / "log.csv", index=False)
+    pd.DataFrame({"member": ["b", "a"], "age": [41, 19]}).to_csv(tmp_path / "people.csv", index=False)
+    columns = {"user": "uid", "item": "sku", "time": "ts"}
+    dm = SeqDataModule(source={"kind": "table", "path": str(tmp_path / "log.csv"), "columns": columns,
+                               "users_path": str(tmp_path / "people.csv"), "user_column": "member"}, cache=False)
+    users = dm.load_users_frame()
+    assert users.set_index("user")["age"].to_dict() == {"b": "41", "a": "19"}  # read as text
+    assert T.render_user_texts(users, "{age}", list(dm.prepare().user_ids)) == ["19", "41"]
+    wrong = SeqDataModule(source={"kind": "table", "path": str(tmp_path / "log.csv"), "columns": columns,
+                                  "users_path": str(tmp_path / "people.csv"), "user_column": "uid"}, cache=False)
+    with pytest.raises(DataError, match="people.csv.*'uid'.*data.source.user_column"):
+        wrong.load_users_frame()
