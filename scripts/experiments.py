@@ -68,6 +68,12 @@ SUITES: dict[str, dict[str, list[str]]] = {
         # besides the events, so it should matter most where there are few events
         "lsti_crop_len_profile": ["model=lsti", "data.train_history_crop=0.3", "model.gate_length=true",
                                   "model.user_profile=true"],
+        # the same with a coarse profile (gender and occupation: 42 distinct texts), which cannot name a user
+        "lsti_crop_len_profile_coarse": ["model=lsti", "data.train_history_crop=0.3", "model.gate_length=true",
+                                         "model.user_profile=true", "model.text.user_template='A {gender} {occupation}.'"],
+        # the profile added to the fused user state, so the gate cannot turn it down when few events are known
+        "lsti_crop_len_profile_user": ["model=lsti", "data.train_history_crop=0.3", "model.gate_length=true",
+                                       "model.user_profile=true", "model.profile_into=user"],
     },
     "coldstart": {
         "pop": ["model=pop"],

@@ -54,8 +54,9 @@ def test_user_text_embeddings_are_cached_and_zero_without_a_profile(tmp_path):
     assert torch.equal(table, again)
 
 
-def test_profile_changes_the_state_only_of_users_with_one():
-    model = _model()
+@pytest.mark.parametrize("into", ["long", "user"])
+def test_profile_changes_the_state_only_of_users_with_one(into):
+    model = _model(profile_into=into)
     items = torch.randint(1, N + 1, (1, W), generator=torch.Generator().manual_seed(1)).repeat(U + 1, 1)
     times = torch.arange(W).repeat(U + 1, 1) * 100
     users = torch.tensor([0, 1, 2, 3, 4, -1])
@@ -78,14 +79,18 @@ def test_profile_changes_the_state_only_of_users_with_one():
 def test_bad_profile_configs_are_named():
     with pytest.raises(ValueError, match="user_profile.*use_long"):
         LSTIConfig(user_profile=True, use_long=False)
+    LSTIConfig(user_profile=True, use_long=False, profile_into="user")  # the fused state needs no long-term encoder
+    with pytest.raises(ValueError, match="profile_into"):
+        LSTIConfig(user_profile=True, profile_into="gate")
     info = _info()
     info.user_text, info.user_text_dim = None, 0
     with pytest.raises(ValueError, match="DataInfo.user_text"):
         LSTIConfig(hidden=16, user_profile=True).build(info)
 
 
-def test_serving_uses_known_users_profiles_and_serves_new_users_without():
-    model = _model()
+@pytest.mark.parametrize("into", ["long", "user"])
+def test_serving_uses_known_users_profiles_and_serves_new_users_without(into):
+    model = _model(profile_into=into)
     ids = ["<pad>"] + [f"i{i}" for i in range(1, N + 1)]
     rec = Recommender(model, ids, W, item_counts=torch.arange(N + 1), user_ids=[f"u{u}" for u in range(U)])
     g = torch.Generator().manual_seed(2)

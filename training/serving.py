@@ -253,7 +253,10 @@ class _LSTIEncoder:
             # the events the forward would see: the latest `window`, of which the model keeps `long_len`
             known = torch.tensor([min(len(state.items), self.rec.window, self.model.long_len)], device=long.device)
         batch = [None if v is None else v.unsqueeze(0) for v in (long, short)]  # 2-D for quantised Linear layers
-        return self.model.fuse(*batch, elapsed, known)[0]
+        profile = None
+        if self.cfg.user_profile and self.cfg.profile_into == "user":
+            profile = self.model.user_profiles(torch.tensor([state.user], device=self.rec.table.device))
+        return self.model.fuse(*batch, elapsed, known, profile)[0]
 
 
 # ---------------------------------------------------------------------------------------------- recommender

@@ -73,6 +73,7 @@ class LSTIConfig:
     # the users' profile texts (e.g. age, gender, occupation) through the language model, adapted and added to
     # the long-term state: what a model can know about a user with few events (DataInfo.user_text)
     user_profile: bool = False
+    profile_into: str = "long"  # long: added to the long-term state | user: added to the fused user state
     # short-term encoder
     use_short: bool = True
     short_len: int = 10
@@ -105,13 +106,14 @@ class LSTIConfig:
             "norm": (self.norm, ("pre", "post")),
             "positions": (self.positions, ("recent", "absolute")),
             "ff_dropout": (self.ff_dropout, ("inner", "output")),
+            "profile_into": (self.profile_into, ("long", "user")),
         }
         for name, (value, allowed) in checks.items():
             if value not in allowed:
                 raise ValueError(f"model.{name}={value!r}: use one of {', '.join(allowed)}.")
-        if self.user_profile and not self.use_long:
-            raise ValueError("model.user_profile=true adds the profile to the long-term state, but model.use_long="
-                             "false: enable the long-term encoder or set user_profile=false.")
+        if self.user_profile and self.profile_into == "long" and not self.use_long:
+            raise ValueError("model.user_profile=true with model.profile_into=long adds the profile to the long-term "
+                             "state, but model.use_long=false: set profile_into=user or enable the long-term encoder.")
         if not (self.use_long or self.use_short):
             raise ValueError("model.use_long and model.use_short are both false: enable at least one encoder.")
         if self.short_len < 1:
@@ -245,9 +247,9 @@ class LSTI(SequenceRecommender):
             self.long_encoder = CausalEncoder(d, cfg.layers, cfg.heads, cfg.inner, cfg.dropout, cfg.attn_dropout,
                                               cfg.norm, cfg.ff_dropout)
             self.user_emb = nn.Embedding(info.num_users, d) if cfg.user_embedding else None
-            if cfg.user_profile:
-                self._register_user_profiles(info)
-                self.profile_adapter = TextAdapter(self.user_text.shape[1], d, "mlp", 1, cfg.adapter_dropout)
+        if cfg.user_profile:
+            self._register_user_profiles(info)
+            self.profile_adapter = TextAdapter(self.user_text.shape[1], d, "mlp", 1, cfg.adapter_dropout)
         if cfg.use_short:
             rnn = nn.GRU if cfg.short_rnn == "gru" else nn.LSTM
             self.short_rnn = rnn(d, d, batch_first=True)
@@ -395,7 +397,7 @@ class LSTI(SequenceRecommender):
         if self.user_emb is not None:
             user = self.user_emb(users.clamp(0, self.user_emb.num_embeddings - 1))
             out = out + (user.unsqueeze(1) if query_mask is None else user[query_rows])
-        if self.cfg.user_profile:
+        if self.cfg.user_profile and self.cfg.profile_into == "long":
             profile = self.user_profiles(users).to(out.dtype)
             out = out + (profile.unsqueeze(1) if query_mask is None else profile[query_rows])
         return out
@@ -471,7 +473,11 @@ class LSTI(SequenceRecommender):
             if queries is not None:
                 elapsed = elapsed[queries]
                 known = None if known is None else known[queries]
-        return self.fuse(long, short, elapsed, known)
+        profile = None
+        if cfg.user_profile and cfg.profile_into == "user":
+            profile = self.user_profiles(users).to(x.dtype)
+            profile = profile[rows] if queries is not None else profile.unsqueeze(1)
+        return self.fuse(long, short, elapsed, known, profile)
 
     @staticmethod
     def elapsed_feature(gap: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -483,9 +489,11 @@ class LSTI(SequenceRecommender):
         return torch.log1p(known.clamp_min(0).to(dtype)) / math.log1p(self.long_len)
 
     def fuse(self, long: torch.Tensor | None, short: torch.Tensor | None,
-             elapsed: torch.Tensor | None = None, known: torch.Tensor | None = None) -> torch.Tensor:
+             elapsed: torch.Tensor | None = None, known: torch.Tensor | None = None,
+             profile: torch.Tensor | None = None) -> torch.Tensor:
         """User state from the long/short encoder outputs [..., D] (either may be None when disabled), the
-        gate's `elapsed_feature` [...] and, with `gate_length`, the number of events known [...]. Shared by
+        gate's `elapsed_feature` [...], with `gate_length` the number of events known [...] and, with
+        `profile_into=user`, the user's profile vector (`user_profiles`, broadcastable to [..., D]). Shared by
         `forward` and the incremental serving path."""
         if long is None:
             user = short
@@ -504,6 +512,8 @@ class LSTI(SequenceRecommender):
             alpha = torch.sigmoid(self.gate(torch.cat(inputs, dim=-1)))
             self.last_gate = alpha.detach()
             user = alpha * long + (1 - alpha) * short
+        if profile is not None:
+            user = user + profile
         return self.out_norm(user)
 
 
