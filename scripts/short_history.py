@@ -3,6 +3,8 @@
     python scripts/short_history.py prefix                         # sasrec vs lsti, per-prefix recipe
     python scripts/short_history.py ablations --configs sasrec lsti lsti_no_text --caps 3 5 10
     python scripts/short_history.py prefix --report-only           # tabulate cached evaluations only
+    python scripts/short_history.py crop --configs sasrec_crop lsti_crop_len lsti_crop_len_profile \
+        --seeds 1 2 --section short_history_profile                # paired seeds, own doc section
 
 Every MovieLens-100k user rated at least 20 movies, so the normal evaluation's short-history slice
 (users_len<=5) is empty. Capping the history at evaluation time (`training.evaluate history_cap=N`) is
@@ -44,9 +46,10 @@ def _load_experiments():
 experiments = _load_experiments()
 
 
-def run_dirs(out: Path, config: str) -> list[Path]:
-    """Finished seeds of one configuration (a best checkpoint and the run's own metrics.json)."""
+def run_dirs(out: Path, config: str, seeds: list[int] | None = None) -> list[Path]:
+    """Finished seeds of one configuration (a best checkpoint and the run's own metrics.json), all or `seeds`."""
     runs = [d for d in experiments.config_dir(out, config).glob("seed*") if d.name[4:].isdigit()
+            and (seeds is None or int(d.name[4:]) in seeds)
             and (d / "checkpoints" / "best.ckpt").exists() and (d / "metrics.json").exists()]
     return sorted(runs, key=lambda d: int(d.name[4:]))
 
@@ -74,7 +77,8 @@ def evaluate_capped(run: Path, cap: int | None, report_only: bool = False) -> di
     return result
 
 
-def table(suite: str, results: dict[str, dict], caps: list[int | None], configs: list[str]) -> str:
+def table(suite: str, results: dict[str, dict], caps: list[int | None], configs: list[str],
+          seeds: list[int] | None = None) -> str:
     """results[config][cap] = list of per-seed metric dicts. One row per cap; the first config is the reference."""
     ref = configs[0]
     head = ["known events"]
@@ -98,6 +102,8 @@ def table(suite: str, results: dict[str, dict], caps: list[int | None], configs:
     runs = ", ".join(f"{c} {len(results.get(c, {}).get(None, []))}" for c in configs)
     cmd = (f"python scripts/short_history.py {suite} --configs {' '.join(configs)} "
            f"--caps {' '.join(str(c) for c in caps if c is not None)}")
+    if seeds:
+        cmd += f" --seeds {' '.join(map(str, seeds))}"
     return "\n".join([f"Command: `{cmd}` (test split, mean ± sample std over seeds; seeds per configuration: {runs}; "
                       f"runs from `python scripts/experiments.py {suite}`).", "", *lines])
 
@@ -110,6 +116,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
     ap.add_argument("--report-only", action="store_true", help="evaluate nothing: tabulate cached results")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="only these seeds (default: every finished)")
+    ap.add_argument("--section", default=None, help="doc section name (default: short_history_<suite>)")
     args = ap.parse_args()
     if any(c < 1 for c in args.caps):
         ap.error(f"--caps {args.caps}: every cap must be >= 1")
@@ -118,7 +126,7 @@ def main() -> None:
     caps: list[int | None] = sorted(set(args.caps)) + [None]
     results: dict[str, dict] = {}
     for config in configs:
-        runs = run_dirs(out, config)
+        runs = run_dirs(out, config, args.seeds)
         if not runs:
             print(f"{config}: no finished run under {out} (run `python scripts/experiments.py {args.suite} "
                   f"--only {config}` first)", flush=True)
@@ -128,9 +136,9 @@ def main() -> None:
             if cap is not None and got:
                 m, _ = experiments.mean_std([r.get(METRICS[0]) for r in got])
                 print(f"{config} cap {cap}: ndcg@10 {m:.4f} over {len(got)} runs", flush=True)
-    text = table(args.suite, results, caps, configs)
+    text = table(args.suite, results, caps, configs, args.seeds)
     print(text)
-    experiments.write_section(f"short_history_{args.suite}", text, args.doc)
+    experiments.write_section(args.section or f"short_history_{args.suite}", text, args.doc)
 
 
 if __name__ == "__main__":
