@@ -39,7 +39,8 @@ def build_datamodule(cfg: DictConfig):
 
 
 def item_tensors(cfg: DictConfig, dm) -> tuple[dict, dict]:
-    """Item-side tensors the model needs (popularity, text embeddings) and the info scalars."""
+    """The data-side tensors the model needs (popularity, item text embeddings or texts, user profile
+    embeddings) and the info scalars."""
     info = dm.info
     tensors = {"item_counts": info.item_counts, "train_items": info.item_counts > 0}
     text_cfg = cfg.model.get("text")
@@ -59,11 +60,11 @@ def item_tensors(cfg: DictConfig, dm) -> tuple[dict, dict]:
     if getattr(model_cfg, "user_profile", False):
         from training.text import user_text_embeddings
 
-        template = (text_cfg or {}).get("user_template")
+        text_cfg = text_cfg or {}
+        template = text_cfg.get("user_template")
         if not template:
             raise ValueError("model.user_profile=true needs model.text.user_template, a format string over the user "
                              "table's columns (e.g. '{age} year old {gender} {occupation}').")
-        text_cfg = text_cfg or {}
         tensors["user_text"] = user_text_embeddings(
             dm.load_users_frame(), list(dm.prepare().user_ids), template, model_path=text_cfg.get("path"),
             pooling=text_cfg.get("pooling", "mean"), max_length=text_cfg.get("max_length", 64),

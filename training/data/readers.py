@@ -693,6 +693,17 @@ def read_table(
     return _interactions(file, table, mapping, time_format, "data.source.columns")
 
 
+def _read_keyed_table(path: str | Path, column: str, role: str, sep: str | None) -> tuple[_File, pd.DataFrame]:
+    """A side table (CSV/TSV/Parquet) whose id column `column` becomes `role` (str); other columns unchanged."""
+    file = _table_file(path, sep)
+    names = _table_columns(file)
+    if column not in names:
+        raise _missing_column(file.path, role, column, names, f"data.source.{role}_column")
+    table = _load_table(file, names, names, multiline=True)
+    frame = table.to_pandas() if file.parquet else _frame(file, table, names, None)
+    return file, _keyed(file, frame, table, column, role)
+
+
 def read_items_table(
     path: str | Path, item_column: str, sep: str | None = None, interactions: pd.DataFrame | None = None
 ) -> pd.DataFrame:
@@ -700,13 +711,7 @@ def read_items_table(
 
     With `interactions`, warns about items on one side only (as `read_atomic` does for `.item`).
     """
-    file = _table_file(path, sep)
-    names = _table_columns(file)
-    if item_column not in names:
-        raise _missing_column(file.path, "item", item_column, names, "data.source.item_column")
-    table = _load_table(file, names, names, multiline=True)
-    frame = table.to_pandas() if file.parquet else _frame(file, table, names, None)
-    frame = _keyed(file, frame, table, item_column, "item")
+    file, frame = _read_keyed_table(path, item_column, "item", sep)
     if interactions is not None:
         _warn_item_coverage(
             _File(Path("interactions"), None, False), file, interactions["item"], frame["item"]
@@ -717,10 +722,4 @@ def read_items_table(
 def read_users_table(path: str | Path, user_column: str, sep: str | None = None) -> pd.DataFrame:
     """Read a user table (CSV/TSV/Parquet; profile fields for `model.user_profile`) -> frame with `user` (str)
     and the other columns unchanged."""
-    file = _table_file(path, sep)
-    names = _table_columns(file)
-    if user_column not in names:
-        raise _missing_column(file.path, "user", user_column, names, "data.source.user_column")
-    table = _load_table(file, names, names, multiline=True)
-    frame = table.to_pandas() if file.parquet else _frame(file, table, names, None)
-    return _keyed(file, frame, table, user_column, "user")
+    return _read_keyed_table(path, user_column, "user", sep)[1]

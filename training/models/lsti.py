@@ -11,7 +11,8 @@ items' ID vectors at each training step, so the fusion learns to rank from text 
 User representation at every position t (causal):
 - long-term: causal self-attention over up to `long_len` events with learned positions and bucketed
   log time-interval embeddings, plus an optional user-id embedding and, with `user_profile`, the user's
-  profile text (e.g. "24 year old M technician") through the language model and an adapter;
+  profile text (e.g. "A 24 year old M technician.") through the language model and an adapter (or, with
+  `profile_into=user`, that profile vector is added to the fused user state instead);
 - short-term: a GRU over the last `short_len` events (or only the current session: events after the
   last gap longer than `session_gap` seconds), pooled by attention toward the latest state;
 - fusion: alpha = sigmoid(MLP([long, short, log1p(time since last event)])), user = alpha * long +
@@ -70,8 +71,8 @@ class LSTIConfig:
     time_buckets: int = 32
     use_time: bool = True
     user_embedding: bool = False
-    # the users' profile texts (e.g. age, gender, occupation) through the language model, adapted and added to
-    # the long-term state: what a model can know about a user with few events (DataInfo.user_text)
+    # the users' profile texts (e.g. age, gender, occupation) through the language model and an adapter: what a
+    # model can know about a user with few events (DataInfo.user_text)
     user_profile: bool = False
     profile_into: str = "long"  # long: added to the long-term state | user: added to the fused user state
     # short-term encoder
