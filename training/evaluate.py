@@ -4,6 +4,7 @@
     python -m training.evaluate ckpt=... evaluation.filter_seen=true split=valid
     python -m training.evaluate ckpt=... trainer.devices=2 trainer.accelerator=cpu   # exact in N processes
     python -m training.evaluate ckpt=... history_cap=5   # as if each user had only their latest 5 events
+    python -m training.evaluate ckpt=... save_ranks=true # + ranks.csv: every query's rank (paired tests)
 
 The data config stored in the checkpoint is used unless `data=...` overrides it (the catalogue must match).
 """
@@ -47,8 +48,24 @@ def evaluate(cfg: DictConfig) -> dict:
     results = {k: float(v) for k, v in (res[0] if res else {}).items()}
     if trainer.is_global_zero:
         write_json_atomic(out / "metrics.json", results)
+        if cfg.get("save_ranks"):
+            write_ranks(out / "ranks.csv", module.last_ranks, dm.prepare(), cfg.split)
         print(results_table(results, "val" if cfg.split == "valid" else "test"))
     return results
+
+
+def write_ranks(path: Path, ranks: dict, data, split: str) -> None:
+    """One row per query (query order): raw user id, raw target item id, history length the model saw, and
+    the target's 0-based full-ranking rank; written via a temp file, so a reader never sees half of it."""
+    import pandas as pd
+
+    eval_split = data.valid if split == "valid" else data.test
+    query = ranks["query"].numpy()
+    frame = pd.DataFrame({"user": data.user_ids[eval_split.user[query]], "item": data.item_ids[ranks["target"].numpy()],
+                          "history": ranks["train_len"].numpy(), "rank": ranks["rank"].numpy()})
+    tmp = path.with_name(path.name + ".tmp")
+    frame.to_csv(tmp, index=False)
+    os.replace(tmp, path)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="evaluate")

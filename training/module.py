@@ -369,6 +369,7 @@ class LitRecommender(L.LightningModule):
             self.log(k, v, prog_bar=k == f"{prefix}/ndcg@10", sync_dist=False, rank_zero_only=False)
         self._eval_outputs, self._eval_table = [], None
         self.last_eval = results
+        self.last_ranks = g  # per query, in query order: rank, query, train_len, target (training.evaluate save_ranks)
         return results
 
     def on_validation_epoch_start(self) -> None:

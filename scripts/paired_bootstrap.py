@@ -1,0 +1,127 @@
+"""Is model B's gain over model A larger on a user slice than overall? A paired bootstrap over users.
+
+    python scripts/paired_bootstrap.py outputs/experiments/crop/sasrec_crop outputs/experiments/crop/lsti_crop_len
+    python scripts/paired_bootstrap.py A_dir B_dir --max-history 20 --seeds 1 2 3 --section paired_crop
+
+A_dir / B_dir hold one run per seed (`seed<s>/checkpoints/best.ckpt`, as `scripts/experiments.py` writes). Each
+run's test split is evaluated once with `training.evaluate save_ranks=true` (cached as
+`<run>/ranks/ranks.csv`); a user's NDCG@10 is averaged over the seeds of each model, so seed noise and user
+noise are both in the interval. Users are resampled with replacement (`--samples` times, fixed seed); for
+each resample the script computes B's relative NDCG@10 gain over A on all users, on the users whose
+history is at most `--max-history` events, and the difference of the two. It prints (and, with
+`--section`, writes into docs/results.md) the estimates with 95% percentile intervals. An interval for the
+difference that contains 0 means this data cannot tell "more gain on the slice" from "the same gain".
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def ranks_of(run: Path) -> pd.DataFrame:
+    """The run's per-query test ranks (evaluated once, then read from <run>/ranks/ranks.csv)."""
+    path = run / "ranks" / "ranks.csv"
+    if not path.exists():
+        cmd = [sys.executable, "-m", "training.evaluate", f"ckpt={run / 'checkpoints' / 'best.ckpt'}",
+               "save_ranks=true", f"hydra.run.dir={path.parent}", "trainer.enable_progress_bar=false"]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0 or not path.exists():
+            raise SystemExit(f"evaluating {run} failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
+    return pd.read_csv(path, dtype={"user": str, "item": str})
+
+
+def user_ndcg(config_dir: Path, seeds: list[int] | None, k: int = 10) -> tuple[pd.DataFrame, list[int]]:
+    """Per user: NDCG@k averaged over the configuration's seeds, and the user's history length."""
+    runs = sorted((d for d in config_dir.glob("seed*") if d.name[4:].isdigit()
+                   and (seeds is None or int(d.name[4:]) in seeds)
+                   and (d / "checkpoints" / "best.ckpt").exists()), key=lambda d: int(d.name[4:]))
+    if not runs:
+        raise SystemExit(f"{config_dir}: no finished run (seed<s>/checkpoints/best.ckpt){' for seeds ' + str(seeds) if seeds else ''}.")
+    frames = []
+    for run in runs:
+        r = ranks_of(run)
+        r["ndcg"] = np.where(r["rank"] < k, 1.0 / np.log2(r["rank"] + 2.0), 0.0)
+        frames.append(r.set_index("user")[["ndcg", "history"]])
+    ndcg = pd.concat([f["ndcg"] for f in frames], axis=1).mean(axis=1)
+    return pd.DataFrame({"ndcg": ndcg, "history": frames[0]["history"]}), [int(d.name[4:]) for d in runs]
+
+
+def bootstrap(a: np.ndarray, b: np.ndarray, in_slice: np.ndarray, samples: int, seed: int) -> dict[str, np.ndarray]:
+    """Relative gains of b over a (overall, slice, slice - overall) per resample of users."""
+    rng = np.random.default_rng(seed)
+    n = a.shape[0]
+    idx = rng.integers(0, n, (samples, n))
+    w_all = np.ones_like(idx, dtype=np.float64)
+    w_slice = in_slice[idx].astype(np.float64)
+    sa, sb = a[idx], b[idx]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        overall = (sb * w_all).sum(1) / (sa * w_all).sum(1) - 1.0
+        sliced = (sb * w_slice).sum(1) / (sa * w_slice).sum(1) - 1.0
+    return {"overall": overall, "slice": sliced, "difference": sliced - overall}
+
+
+def _shown(path: Path) -> str:
+    """A path as the command line in the docs shows it: relative to the repository when inside it."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("base", type=Path, help="configuration directory of model A (the baseline)")
+    ap.add_argument("model", type=Path, help="configuration directory of model B")
+    ap.add_argument("--max-history", type=int, default=20, help="slice: users with at most this many known events")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="only these seeds (default: every finished)")
+    ap.add_argument("--samples", type=int, default=10000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--section", default=None, help="also write the result into docs/results.md under this name")
+    ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
+    args = ap.parse_args()
+    a, seeds_a = user_ndcg(args.base, args.seeds)
+    b, seeds_b = user_ndcg(args.model, args.seeds)
+    users = a.index.intersection(b.index)
+    if len(users) != len(a) or len(users) != len(b):
+        raise SystemExit(f"{args.base} and {args.model} were evaluated on different users ({len(a)} vs {len(b)}): "
+                         "compare runs on the same data.")
+    a, b = a.loc[users], b.loc[users]
+    in_slice = (a["history"] <= args.max_history).to_numpy()
+    if not in_slice.any():
+        raise SystemExit(f"no user has at most {args.max_history} known events: raise --max-history.")
+    est = {"overall": b["ndcg"].mean() / a["ndcg"].mean() - 1.0,
+           "slice": b["ndcg"][in_slice].mean() / a["ndcg"][in_slice].mean() - 1.0}
+    est["difference"] = est["slice"] - est["overall"]
+    boot = bootstrap(a["ndcg"].to_numpy(), b["ndcg"].to_numpy(), in_slice, args.samples, args.seed)
+    rows = []
+    for name, label in (("overall", f"all {len(users)} users"),
+                        ("slice", f"{int(in_slice.sum())} users with <= {args.max_history} events"),
+                        ("difference", "slice gain - overall gain")):
+        lo, hi = np.nanpercentile(boot[name], [2.5, 97.5])
+        share = float(np.mean(boot[name] > 0))
+        rows.append(f"| {label} | {100 * est[name]:+.1f}% | {100 * lo:+.1f}% to {100 * hi:+.1f}% | {share:.3f} |")
+    cmd = (f"python scripts/paired_bootstrap.py {_shown(args.base)} {_shown(args.model)} --max-history "
+           f"{args.max_history}" + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds else ""))
+    text = "\n".join([
+        f"Command: `{cmd}` (test NDCG@10 of `{args.model.name}` over `{args.base.name}`; per-user NDCG@10 averaged "
+        f"over seeds {seeds_a} and {seeds_b}; {args.samples} paired resamples of users).", "",
+        "| users | relative gain | 95% interval | share of resamples > 0 |", "|---|---|---|---|", *rows])
+    print(text)
+    if args.section:
+        spec = importlib.util.spec_from_file_location("experiments", ROOT / "scripts" / "experiments.py")
+        experiments = importlib.util.module_from_spec(spec)  # scripts is no package: loaded by path
+        spec.loader.exec_module(experiments)
+        experiments.write_section(args.section, text, args.doc)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,75 @@
+"""Per-query ranks (`training.evaluate save_ranks=true`) and the paired user bootstrap built on them."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from tests.helpers import tiny_config
+from training.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _script():
+    spec = importlib.util.spec_from_file_location("paired_bootstrap", ROOT / "scripts" / "paired_bootstrap.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_evaluate_saves_ranks_that_reproduce_its_metrics(tmp_path):
+    from training.evaluate import evaluate
+
+    train(tiny_config(tmp_path / "run", "sasrec"))
+    cfg = tiny_config(tmp_path / "eval", config_name="evaluate")
+    cfg.ckpt = str(tmp_path / "run" / "checkpoints" / "best.ckpt")
+    cfg.save_ranks = True
+    results = evaluate(cfg)
+    ranks = pd.read_csv(tmp_path / "eval" / "ranks.csv", dtype={"user": str, "item": str})
+    assert len(ranks) == results["test/num_queries"] and ranks["user"].is_unique
+    ndcg = np.where(ranks["rank"] < 10, 1 / np.log2(ranks["rank"] + 2.0), 0.0)
+    assert ndcg.mean() == pytest.approx(results["test/ndcg@10"], abs=1e-6)
+    short = ranks["history"] <= 5
+    assert ndcg[short].mean() == pytest.approx(results["test/users_len<=5/ndcg@10"], abs=1e-6)
+
+
+def test_bootstrap_separates_a_slice_gain_from_an_overall_gain():
+    pb = _script()
+    rng = np.random.default_rng(0)
+    a = rng.uniform(0.1, 1.0, 400)
+    in_slice = np.arange(400) < 100
+    same = pb.bootstrap(a, 1.2 * a, in_slice, 500, seed=1)
+    assert np.allclose(same["overall"], 0.2) and np.allclose(same["difference"], 0.0)
+    more = pb.bootstrap(a, np.where(in_slice, 1.6, 1.1) * a, in_slice, 500, seed=1)
+    assert (more["difference"] > 0).all() and np.allclose(more["slice"], 0.6)
+    again = pb.bootstrap(a, np.where(in_slice, 1.6, 1.1) * a, in_slice, 500, seed=1)
+    assert np.array_equal(more["overall"], again["overall"])  # fixed seed: the same resamples
+
+
+def test_script_pairs_users_over_seeds_and_writes_its_section(tmp_path, monkeypatch, capsys):
+    pb = _script()
+    users = [f"u{i}" for i in range(40)]
+    history = [5 + i for i in range(40)]  # users u0..u15 have <= 20 events
+    for config, ranks in (("base", [3] * 40), ("model", [1] * 16 + [3] * 24)):
+        for seed in (1, 2):
+            run = tmp_path / config / f"seed{seed}"
+            (run / "checkpoints").mkdir(parents=True)
+            (run / "checkpoints" / "best.ckpt").touch()
+            (run / "ranks").mkdir()
+            pd.DataFrame({"user": users, "item": "x", "history": history, "rank": ranks}).to_csv(
+                run / "ranks" / "ranks.csv", index=False)
+    doc = tmp_path / "results.md"
+    monkeypatch.setattr(sys, "argv", ["paired_bootstrap.py", str(tmp_path / "base"), str(tmp_path / "model"),
+                                      "--samples", "200", "--section", "paired_test", "--doc", str(doc)])
+    pb.main()
+    out = capsys.readouterr().out
+    gain = (1 / np.log2(3)) / (1 / np.log2(5)) - 1  # rank 1 vs rank 3
+    assert f"| 16 users with <= 20 events | {100 * gain:+.1f}% |" in out
+    assert "<!-- paired_test:begin -->" in doc.read_text() and "seeds [1, 2] and [1, 2]" in doc.read_text()
+    monkeypatch.setattr(sys, "argv", ["paired_bootstrap.py", str(tmp_path / "base"), str(tmp_path / "none")])
+    with pytest.raises(SystemExit, match="no finished run"):
+        pb.main()
