@@ -2,6 +2,7 @@
 
     python scripts/paired_bootstrap.py outputs/experiments/crop/sasrec_crop outputs/experiments/crop/lsti_crop_len
     python scripts/paired_bootstrap.py A_dir B_dir --max-history 20 --seeds 1 2 3 --section paired_crop
+    python scripts/paired_bootstrap.py A_dir B_dir --history-cap 1 3 10   # capped histories vs whole ones
 
 A_dir / B_dir hold one run per seed (`seed<s>/checkpoints/best.ckpt`, as `scripts/experiments.py` writes). Each
 run's test split is evaluated once with `training.evaluate save_ranks=true` (cached as
@@ -11,6 +12,10 @@ each resample the script computes B's relative NDCG@10 gain over A on all users,
 history is at most `--max-history` events, and the difference of the two. It prints (and, with
 `--section`, writes into docs/results.md) the estimates with 95% percentile intervals. An interval for the
 difference that contains 0 means this data cannot tell "more gain on the slice" from "the same gain".
+
+`--history-cap N ...` also evaluates every run with each user's history capped at the latest N events
+(`training.evaluate history_cap=N`, cached as `<run>/ranks_cap<N>/ranks.csv`) and compares B's gain on the
+capped histories with its gain on the whole ones, for the same users in the same resamples.
 """
 
 from __future__ import annotations
@@ -27,19 +32,23 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def ranks_of(run: Path) -> pd.DataFrame:
-    """The run's per-query test ranks (evaluated once, then read from <run>/ranks/ranks.csv)."""
-    path = run / "ranks" / "ranks.csv"
+def ranks_of(run: Path, cap: int | None = None) -> pd.DataFrame:
+    """The run's per-query test ranks, whole histories or capped at `cap` events (evaluated once, then read
+    from <run>/ranks[_cap<N>]/ranks.csv)."""
+    path = run / ("ranks" if cap is None else f"ranks_cap{cap}") / "ranks.csv"
     if not path.exists():
         cmd = [sys.executable, "-m", "training.evaluate", f"ckpt={run / 'checkpoints' / 'best.ckpt'}",
                "save_ranks=true", f"hydra.run.dir={path.parent}", "trainer.enable_progress_bar=false"]
+        if cap is not None:
+            cmd.append(f"history_cap={cap}")
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if proc.returncode != 0 or not path.exists():
             raise SystemExit(f"evaluating {run} failed ({proc.returncode}):\n{proc.stdout[-2000:]}{proc.stderr[-2000:]}")
     return pd.read_csv(path, dtype={"user": str, "item": str})
 
 
-def user_ndcg(config_dir: Path, seeds: list[int] | None, k: int = 10) -> tuple[pd.DataFrame, list[int]]:
+def user_ndcg(config_dir: Path, seeds: list[int] | None, cap: int | None = None,
+              k: int = 10) -> tuple[pd.DataFrame, list[int]]:
     """Per user: NDCG@k averaged over the configuration's seeds, and the user's history length."""
     runs = sorted((d for d in config_dir.glob("seed*") if d.name[4:].isdigit()
                    and (seeds is None or int(d.name[4:]) in seeds)
@@ -48,7 +57,7 @@ def user_ndcg(config_dir: Path, seeds: list[int] | None, k: int = 10) -> tuple[p
         raise SystemExit(f"{config_dir}: no finished run (seed<s>/checkpoints/best.ckpt){' for seeds ' + str(seeds) if seeds else ''}.")
     frames = []
     for run in runs:
-        r = ranks_of(run)
+        r = ranks_of(run, cap)
         r["ndcg"] = np.where(r["rank"] < k, 1.0 / np.log2(r["rank"] + 2.0), 0.0)
         frames.append(r.set_index("user")[["ndcg", "history"]])
     ndcg = pd.concat([f["ndcg"] for f in frames], axis=1).mean(axis=1)
@@ -77,12 +86,29 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def bootstrap_capped(a: np.ndarray, b: np.ndarray, a_cap: np.ndarray, b_cap: np.ndarray, samples: int,
+                     seed: int) -> dict[str, np.ndarray]:
+    """Relative gains of b over a on whole histories, on capped ones, and capped - whole, per resample."""
+    idx = np.random.default_rng(seed).integers(0, a.shape[0], (samples, a.shape[0]))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        whole = b[idx].sum(1) / a[idx].sum(1) - 1.0
+        capped = b_cap[idx].sum(1) / a_cap[idx].sum(1) - 1.0
+    return {"whole": whole, "capped": capped, "difference": capped - whole}
+
+
+def _row(label: str, estimate: float, draws: np.ndarray) -> str:
+    lo, hi = np.nanpercentile(draws, [2.5, 97.5])
+    return f"| {label} | {100 * estimate:+.1f}% | {100 * lo:+.1f}% to {100 * hi:+.1f}% | {float(np.mean(draws > 0)):.3f} |"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("base", type=Path, help="configuration directory of model A (the baseline)")
     ap.add_argument("model", type=Path, help="configuration directory of model B")
     ap.add_argument("--max-history", type=int, default=20, help="slice: users with at most this many known events")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="only these seeds (default: every finished)")
+    ap.add_argument("--history-cap", type=int, nargs="+", default=None,
+                    help="also compare the gain with histories capped at these numbers of events")
     ap.add_argument("--samples", type=int, default=10000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--section", default=None, help="also write the result into docs/results.md under this name")
@@ -102,15 +128,21 @@ def main() -> None:
            "slice": b["ndcg"][in_slice].mean() / a["ndcg"][in_slice].mean() - 1.0}
     est["difference"] = est["slice"] - est["overall"]
     boot = bootstrap(a["ndcg"].to_numpy(), b["ndcg"].to_numpy(), in_slice, args.samples, args.seed)
-    rows = []
-    for name, label in (("overall", f"all {len(users)} users"),
-                        ("slice", f"{int(in_slice.sum())} users with <= {args.max_history} events"),
-                        ("difference", "slice gain - overall gain")):
-        lo, hi = np.nanpercentile(boot[name], [2.5, 97.5])
-        share = float(np.mean(boot[name] > 0))
-        rows.append(f"| {label} | {100 * est[name]:+.1f}% | {100 * lo:+.1f}% to {100 * hi:+.1f}% | {share:.3f} |")
+    rows = [_row(label, est[name], boot[name]) for name, label in (
+        ("overall", f"all {len(users)} users"),
+        ("slice", f"{int(in_slice.sum())} users with <= {args.max_history} events"),
+        ("difference", "slice gain - overall gain"))]
+    for cap in args.history_cap or []:
+        a_cap, b_cap = (user_ndcg(d, args.seeds, cap)[0]["ndcg"].reindex(users).to_numpy()
+                        for d in (args.base, args.model))
+        capped_gain = b_cap.mean() / a_cap.mean() - 1.0
+        draws = bootstrap_capped(a["ndcg"].to_numpy(), b["ndcg"].to_numpy(), a_cap, b_cap, args.samples, args.seed)
+        rows += [_row(f"all {len(users)} users, latest {cap} event(s) only", capped_gain, draws["capped"]),
+                 _row(f"gain with {cap} event(s) - gain with whole histories", capped_gain - est["overall"],
+                      draws["difference"])]
     cmd = (f"python scripts/paired_bootstrap.py {_shown(args.base)} {_shown(args.model)} --max-history "
-           f"{args.max_history}" + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds else ""))
+           f"{args.max_history}" + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds else "")
+           + (f" --history-cap {' '.join(map(str, args.history_cap))}" if args.history_cap else ""))
     text = "\n".join([
         f"Command: `{cmd}` (test NDCG@10 of `{args.model.name}` over `{args.base.name}`; per-user NDCG@10 averaged "
         f"over seeds {seeds_a} and {seeds_b}; {args.samples} paired resamples of users).", "",

@@ -59,16 +59,21 @@ def test_script_pairs_users_over_seeds_and_writes_its_section(tmp_path, monkeypa
             run = tmp_path / config / f"seed{seed}"
             (run / "checkpoints").mkdir(parents=True)
             (run / "checkpoints" / "best.ckpt").touch()
-            (run / "ranks").mkdir()
-            pd.DataFrame({"user": users, "item": "x", "history": history, "rank": ranks}).to_csv(
-                run / "ranks" / "ranks.csv", index=False)
+            for folder, r in (("ranks", ranks), ("ranks_cap1", [3] * 40)):  # capped: no gain left
+                (run / folder).mkdir()
+                pd.DataFrame({"user": users, "item": "x", "history": history, "rank": r}).to_csv(
+                    run / folder / "ranks.csv", index=False)
     doc = tmp_path / "results.md"
     monkeypatch.setattr(sys, "argv", ["paired_bootstrap.py", str(tmp_path / "base"), str(tmp_path / "model"),
-                                      "--samples", "200", "--section", "paired_test", "--doc", str(doc)])
+                                      "--samples", "200", "--section", "paired_test", "--doc", str(doc),
+                                      "--history-cap", "1"])
     pb.main()
     out = capsys.readouterr().out
     gain = (1 / np.log2(3)) / (1 / np.log2(5)) - 1  # rank 1 vs rank 3
+    overall = (16 / np.log2(3) + 24 / np.log2(5)) / (40 / np.log2(5)) - 1
     assert f"| 16 users with <= 20 events | {100 * gain:+.1f}% |" in out
+    assert "| all 40 users, latest 1 event(s) only | +0.0% |" in out
+    assert f"| gain with 1 event(s) - gain with whole histories | {-100 * overall:+.1f}% |" in out
     assert "<!-- paired_test:begin -->" in doc.read_text() and "seeds [1, 2] and [1, 2]" in doc.read_text()
     monkeypatch.setattr(sys, "argv", ["paired_bootstrap.py", str(tmp_path / "base"), str(tmp_path / "none")])
     with pytest.raises(SystemExit, match="no finished run"):
