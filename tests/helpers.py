@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
+from types import ModuleType
 
 from hydra import compose, initialize_config_dir
 from omegaconf import DictConfig, open_dict
@@ -35,3 +37,11 @@ def tiny_config(output_dir: Path, model: str = "sasrec", overrides: list[str] | 
     with open_dict(cfg):
         cfg.paths.output_dir = str(output_dir)
     return cfg
+
+
+def load_script(name: str) -> ModuleType:
+    """`scripts/<name>.py` as a module (scripts is no package, so it is loaded by path)."""
+    spec = importlib.util.spec_from_file_location(name, Path(CONF).parent / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,19 +1,17 @@
 """scripts/experiments.py: reuse of finished runs, --report-only, the table's cells."""
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
 
+from tests.helpers import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _load():
-    spec = importlib.util.spec_from_file_location("experiments", ROOT / "scripts" / "experiments.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("experiments")
 
 
 def test_report_only_reuses_finished_runs_and_starts_nothing(tmp_path):

@@ -1,7 +1,6 @@
 """Short-history evaluation (`data.eval_history_cap` / `training.evaluate history_cap=N`): the model, the seen
 items and the length slices see exactly the latest N events, as if the user had no older ones."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -10,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.helpers import tiny_config
+from tests.helpers import load_script, tiny_config
 from training.data.datamodule import EvalQueries, SeqDataModule
 from training.data.errors import DataError
 from training.data.sequences import PreprocessConfig, build_sequences
@@ -92,9 +91,7 @@ def test_evaluate_with_history_cap(tmp_path):
 
 
 def test_short_history_script_caches_and_tabulates(tmp_path, monkeypatch):
-    spec = importlib.util.spec_from_file_location("short_history", ROOT / "scripts" / "short_history.py")
-    sh = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(sh)
+    sh = load_script("short_history")
     for config, base in (("sasrec", 0.06), ("lsti", 0.07)):
         for seed in (1, 2):
             run = tmp_path / config / f"seed{seed}"

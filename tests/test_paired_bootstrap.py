@@ -1,24 +1,17 @@
 """Per-query ranks (`training.evaluate save_ranks=true`) and the paired user bootstrap built on them."""
 
-import importlib.util
 import sys
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from tests.helpers import tiny_config
+from tests.helpers import load_script, tiny_config
 from training.train import train
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _script():
-    spec = importlib.util.spec_from_file_location("paired_bootstrap", ROOT / "scripts" / "paired_bootstrap.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("paired_bootstrap")
 
 
 def test_evaluate_saves_ranks_that_reproduce_its_metrics(tmp_path):
