@@ -1,15 +1,17 @@
-"""Is model B's gain over model A larger on a user slice than overall? A paired bootstrap over users.
+"""Is model B's gain over model A larger on a slice than overall? A paired bootstrap over users.
 
     python scripts/paired_bootstrap.py outputs/experiments/crop/sasrec_crop outputs/experiments/crop/lsti_crop_len
     python scripts/paired_bootstrap.py A_dir B_dir --max-history 20 --seeds 1 2 3 --section paired_crop
     python scripts/paired_bootstrap.py A_dir B_dir --history-cap 1 3 10   # capped histories vs whole ones
+    python scripts/paired_bootstrap.py A_dir B_dir --slice tail           # users whose target is a tail item
 
 A_dir / B_dir hold one run per seed (`seed<s>/checkpoints/best.ckpt`, as `scripts/experiments.py` writes). Each
 run's test split is evaluated once with `training.evaluate save_ranks=true` (cached as
 `<run>/ranks/ranks.csv`); a user's NDCG@10 is averaged over the seeds of each model, so seed noise and user
 noise are both in the interval. Users are resampled with replacement (`--samples` times, fixed seed); for
-each resample the script computes B's relative NDCG@10 gain over A on all users, on the users whose
-history is at most `--max-history` events, and the difference of the two. It prints (and, with
+each resample the script computes B's relative NDCG@10 gain over A on all users, on a slice (`--slice
+short`: users whose history is at most `--max-history` events; `--slice tail`: users whose target is a
+tail item, the evaluator's items_tail), and the difference of the two. It prints (and, with
 `--section`, writes into docs/results.md) the estimates with 95% percentile intervals. An interval for the
 difference that contains 0 means this data cannot tell "more gain on the slice" from "the same gain".
 
@@ -59,9 +61,13 @@ def user_ndcg(config_dir: Path, seeds: list[int] | None, cap: int | None = None,
     for run in runs:
         r = ranks_of(run, cap)
         r["ndcg"] = np.where(r["rank"] < k, 1.0 / np.log2(r["rank"] + 2.0), 0.0)
-        frames.append(r.set_index("user")[["ndcg", "history"]])
+        if "head_item" not in r.columns:
+            raise SystemExit(f"{run}: ranks.csv predates the head_item column; delete {run}/ranks* to re-evaluate.")
+        frames.append(r.set_index("user")[["ndcg", "history", "head_item"]])
     ndcg = pd.concat([f["ndcg"] for f in frames], axis=1).mean(axis=1)
-    return pd.DataFrame({"ndcg": ndcg, "history": frames[0]["history"]}), [int(d.name[4:]) for d in runs]
+    first = frames[0]
+    return (pd.DataFrame({"ndcg": ndcg, "history": first["history"], "head_item": first["head_item"]}),
+            [int(d.name[4:]) for d in runs])
 
 
 def bootstrap(a: np.ndarray, b: np.ndarray, in_slice: np.ndarray, samples: int, seed: int) -> dict[str, np.ndarray]:
@@ -105,7 +111,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("base", type=Path, help="configuration directory of model A (the baseline)")
     ap.add_argument("model", type=Path, help="configuration directory of model B")
-    ap.add_argument("--max-history", type=int, default=20, help="slice: users with at most this many known events")
+    ap.add_argument("--slice", choices=("short", "tail"), default="short",
+                    help="short: users with few known events; tail: users whose target is a tail item")
+    ap.add_argument("--max-history", type=int, default=20, help="--slice short: at most this many known events")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="only these seeds (default: every finished)")
     ap.add_argument("--history-cap", type=int, nargs="+", default=None,
                     help="also compare the gain with histories capped at these numbers of events")
@@ -121,16 +129,23 @@ def main() -> None:
         raise SystemExit(f"{args.base} and {args.model} were evaluated on different users ({len(a)} vs {len(b)}): "
                          "compare runs on the same data.")
     a, b = a.loc[users], b.loc[users]
-    in_slice = (a["history"] <= args.max_history).to_numpy()
+    if args.slice == "tail":
+        in_slice = ~a["head_item"].astype(bool).to_numpy()
+        slice_label = f"{int(in_slice.sum())} users whose target is a tail item"
+    else:
+        in_slice = (a["history"] <= args.max_history).to_numpy()
+        slice_label = f"{int(in_slice.sum())} users with <= {args.max_history} events"
     if not in_slice.any():
-        raise SystemExit(f"no user has at most {args.max_history} known events: raise --max-history.")
+        raise SystemExit(f"the slice --slice {args.slice} is empty" + (
+            f" (no user has at most {args.max_history} known events: raise --max-history)."
+            if args.slice == "short" else "."))
     est = {"overall": b["ndcg"].mean() / a["ndcg"].mean() - 1.0,
            "slice": b["ndcg"][in_slice].mean() / a["ndcg"][in_slice].mean() - 1.0}
     est["difference"] = est["slice"] - est["overall"]
     boot = bootstrap(a["ndcg"].to_numpy(), b["ndcg"].to_numpy(), in_slice, args.samples, args.seed)
     rows = [_row(label, est[name], boot[name]) for name, label in (
         ("overall", f"all {len(users)} users"),
-        ("slice", f"{int(in_slice.sum())} users with <= {args.max_history} events"),
+        ("slice", slice_label),
         ("difference", "slice gain - overall gain"))]
     for cap in args.history_cap or []:
         a_cap, b_cap = (user_ndcg(d, args.seeds, cap)[0]["ndcg"].reindex(users).to_numpy()
@@ -140,8 +155,8 @@ def main() -> None:
         rows += [_row(f"all {len(users)} users, latest {cap} event(s) only", capped_gain, draws["capped"]),
                  _row(f"gain with {cap} event(s) - gain with whole histories", capped_gain - est["overall"],
                       draws["difference"])]
-    cmd = (f"python scripts/paired_bootstrap.py {_shown(args.base)} {_shown(args.model)} --max-history "
-           f"{args.max_history}" + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds else "")
+    what = f"--max-history {args.max_history}" if args.slice == "short" else "--slice tail"
+    cmd = (f"python scripts/paired_bootstrap.py {_shown(args.base)} {_shown(args.model)} {what}" + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds else "")
            + (f" --history-cap {' '.join(map(str, args.history_cap))}" if args.history_cap else ""))
     text = "\n".join([
         f"Command: `{cmd}` (test NDCG@10 of `{args.model.name}` over `{args.base.name}`; per-user NDCG@10 averaged "

@@ -28,6 +28,9 @@ def test_evaluate_saves_ranks_that_reproduce_its_metrics(tmp_path):
     assert ndcg.mean() == pytest.approx(results["test/ndcg@10"], abs=1e-6)
     short = ranks["history"] <= 5
     assert ndcg[short].mean() == pytest.approx(results["test/users_len<=5/ndcg@10"], abs=1e-6)
+    head = ranks["head_item"].astype(bool)
+    assert head.sum() == results["test/items_head/count"]
+    assert ndcg[~head].mean() == pytest.approx(results["test/items_tail/ndcg@10"], abs=1e-6)
 
 
 def test_bootstrap_separates_a_slice_gain_from_an_overall_gain():
@@ -47,6 +50,7 @@ def test_script_pairs_users_over_seeds_and_writes_its_section(tmp_path, monkeypa
     pb = _script()
     users = [f"u{i}" for i in range(40)]
     history = [5 + i for i in range(40)]  # users u0..u15 have <= 20 events
+    head = [i % 2 == 1 for i in range(40)]  # even users' targets are tail items
     for config, ranks in (("base", [3] * 40), ("model", [1] * 16 + [3] * 24)):
         for seed in (1, 2):
             run = tmp_path / config / f"seed{seed}"
@@ -54,7 +58,7 @@ def test_script_pairs_users_over_seeds_and_writes_its_section(tmp_path, monkeypa
             (run / "checkpoints" / "best.ckpt").touch()
             for folder, r in (("ranks", ranks), ("ranks_cap1", [3] * 40)):  # capped: no gain left
                 (run / folder).mkdir()
-                pd.DataFrame({"user": users, "item": "x", "history": history, "rank": r}).to_csv(
+                pd.DataFrame({"user": users, "item": "x", "history": history, "head_item": head, "rank": r}).to_csv(
                     run / folder / "ranks.csv", index=False)
     doc = tmp_path / "results.md"
     monkeypatch.setattr(sys, "argv", ["paired_bootstrap.py", str(tmp_path / "base"), str(tmp_path / "model"),
@@ -68,6 +72,10 @@ def test_script_pairs_users_over_seeds_and_writes_its_section(tmp_path, monkeypa
     assert "| all 40 users, latest 1 event(s) only | +0.0% |" in out
     assert f"| gain with 1 event(s) - gain with whole histories | {-100 * overall:+.1f}% |" in out
     assert "<!-- paired_test:begin -->" in doc.read_text() and "seeds [1, 2] and [1, 2]" in doc.read_text()
+    monkeypatch.setattr(sys, "argv", ["paired_bootstrap.py", str(tmp_path / "base"), str(tmp_path / "model"),
+                                      "--samples", "200", "--slice", "tail"])
+    pb.main()
+    assert f"| 20 users whose target is a tail item | {100 * overall:+.1f}% |" in capsys.readouterr().out
     monkeypatch.setattr(sys, "argv", ["paired_bootstrap.py", str(tmp_path / "base"), str(tmp_path / "none")])
     with pytest.raises(SystemExit, match="no finished run"):
         pb.main()

@@ -49,20 +49,25 @@ def evaluate(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         write_json_atomic(out / "metrics.json", results)
         if cfg.get("save_ranks"):
-            write_ranks(out / "ranks.csv", module.last_ranks, dm.prepare(), cfg.split)
+            from training.metrics import head_items
+
+            is_head = head_items(module.item_counts.cpu(), module.eval_cfg.head_fraction)
+            write_ranks(out / "ranks.csv", module.last_ranks, dm.prepare(), cfg.split, is_head)
         print(results_table(results, "val" if cfg.split == "valid" else "test"))
     return results
 
 
-def write_ranks(path: Path, ranks: dict, data, split: str) -> None:
-    """One row per query (query order): raw user id, raw target item id, history length the model saw, and
-    the target's 0-based full-ranking rank; written via a temp file, so a reader never sees half of it."""
+def write_ranks(path: Path, ranks: dict, data, split: str, is_head) -> None:
+    """One row per query (query order): raw user id, raw target item id, history length the model saw,
+    whether the target is a head item (the evaluator's items_head slice; `is_head` [N+1] bool), and the
+    target's 0-based full-ranking rank; written via a temp file, so a reader never sees half of it."""
     import pandas as pd
 
     eval_split = data.valid if split == "valid" else data.test
     query = ranks["query"].numpy()
     frame = pd.DataFrame({"user": data.user_ids[eval_split.user[query]], "item": data.item_ids[ranks["target"].numpy()],
-                          "history": ranks["train_len"].numpy(), "rank": ranks["rank"].numpy()})
+                          "history": ranks["train_len"].numpy(), "head_item": is_head[ranks["target"]].numpy(),
+                          "rank": ranks["rank"].numpy()})
     tmp = path.with_name(path.name + ".tmp")
     frame.to_csv(tmp, index=False)
     os.replace(tmp, path)
