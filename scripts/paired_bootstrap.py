@@ -75,11 +75,10 @@ def bootstrap(a: np.ndarray, b: np.ndarray, in_slice: np.ndarray, samples: int, 
     rng = np.random.default_rng(seed)
     n = a.shape[0]
     idx = rng.integers(0, n, (samples, n))
-    w_all = np.ones_like(idx, dtype=np.float64)
     w_slice = in_slice[idx].astype(np.float64)
     sa, sb = a[idx], b[idx]
     with np.errstate(invalid="ignore", divide="ignore"):
-        overall = (sb * w_all).sum(1) / (sa * w_all).sum(1) - 1.0
+        overall = sb.sum(1) / sa.sum(1) - 1.0
         sliced = (sb * w_slice).sum(1) / (sa * w_slice).sum(1) - 1.0
     return {"overall": overall, "slice": sliced, "difference": sliced - overall}
 

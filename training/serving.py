@@ -335,7 +335,7 @@ class Recommender:
         self.window = min([window, *[int(n) for n in limits if n is not None]])
         self.uses_users = isinstance(model, LSTI) and getattr(model, "user_emb", None) is not None
         # profile models (model.user_profile) use a known user's profile and serve anyone else without one
-        self.uses_profiles = isinstance(model, LSTI) and bool(getattr(model.cfg, "user_profile", False))
+        self.uses_profiles = isinstance(model, LSTI) and model.cfg.user_profile
         if isinstance(model, GRU4Rec):
             self.encoder: Any = _GRU4RecEncoder(self)
         elif isinstance(model, LSTI):

@@ -380,31 +380,24 @@ def _atomic_write(path: Path, write) -> None:
 
 
 def item_text_embeddings(items_df: pd.DataFrame | None, item_ids: Sequence[str], template: str,
-                         model_path: str | os.PathLike | None = None, pooling: str = "mean",
-                         max_length: int = 64, batch_size: int = 64, cache_dir: str | os.PathLike | None = None,
-                         normalize: bool = False, device: torch.device | str | None = None,
-                         dtype: torch.dtype | str | None = None, progress: bool = True) -> torch.Tensor:
+                         **options: Any) -> torch.Tensor:
     """[N+1, D] float32 text embeddings aligned with `item_ids` (row 0, the padding, is zeros).
 
+    `options` are `cached_text_embeddings`'s (model_path, pooling, max_length, batch_size, cache_dir, ...).
     Cached under `cache_dir` (default: `paths.cache_dir("embeddings")`) as `<key>.pt` plus a `<key>.json`
     describing the key; a hit returns without loading the language model.
     """
     texts = render_item_texts(items_df, template, item_ids)
-    return cached_text_embeddings(texts, [False] + [True] * (len(texts) - 1), template, model_path, pooling,
-                                  max_length, batch_size, cache_dir, normalize, device, dtype, progress)
+    return cached_text_embeddings(texts, [False] + [True] * (len(texts) - 1), template, **options)
 
 
 def user_text_embeddings(users_df: pd.DataFrame | None, user_ids: Sequence[str], template: str,
-                         model_path: str | os.PathLike | None = None, pooling: str = "mean",
-                         max_length: int = 64, batch_size: int = 64, cache_dir: str | os.PathLike | None = None,
-                         normalize: bool = False, device: torch.device | str | None = None,
-                         dtype: torch.dtype | str | None = None, progress: bool = True) -> torch.Tensor:
+                         **options: Any) -> torch.Tensor:
     """[U, D] float32 embeddings of the users' profile texts aligned with `user_ids` (zeros for users without
-    a profile row), cached like `item_text_embeddings`."""
+    a profile row), cached like `item_text_embeddings` (same `options`)."""
     rendered = render_user_texts(users_df, template, user_ids)
-    texts = ["" if t is None else t for t in rendered]
-    return cached_text_embeddings(texts, [t is not None for t in rendered], template, model_path, pooling,
-                                  max_length, batch_size, cache_dir, normalize, device, dtype, progress)
+    return cached_text_embeddings(["" if t is None else t for t in rendered], [t is not None for t in rendered],
+                                  template, **options)
 
 
 def cached_text_embeddings(texts: Sequence[str], encode: Sequence[bool], template: str,

@@ -45,13 +45,14 @@ def item_tensors(cfg: DictConfig, dm) -> tuple[dict, dict]:
     tensors = {"item_counts": info.item_counts, "train_items": info.item_counts > 0}
     text_cfg = cfg.model.get("text")
     model_cfg = instantiate({k: v for k, v in cfg.model.items() if k != "text"}, _convert_="all")
+    options = text_cfg or {}  # which language model encodes item (and user) texts, and how
+    encoder = {"model_path": options.get("path"), "pooling": options.get("pooling", "mean"),
+               "max_length": options.get("max_length", 64), "batch_size": options.get("batch_size", 64)}
     if text_cfg is not None and getattr(model_cfg, "needs_text", False):
         from training.text import item_text_embeddings
 
-        tensors["item_text"] = item_text_embeddings(
-            dm.load_items_frame(), list(dm.prepare().item_ids), text_cfg.template, model_path=text_cfg.get("path"),
-            pooling=text_cfg.get("pooling", "mean"), max_length=text_cfg.get("max_length", 64),
-            batch_size=text_cfg.get("batch_size", 64))
+        tensors["item_text"] = item_text_embeddings(dm.load_items_frame(), list(dm.prepare().item_ids),
+                                                    text_cfg.template, **encoder)
         info.text_dim = int(tensors["item_text"].shape[1])
     if text_cfg is not None and getattr(model_cfg, "needs_item_texts", False):  # LoRA: the model encodes them
         from training.text import render_item_texts
@@ -60,15 +61,12 @@ def item_tensors(cfg: DictConfig, dm) -> tuple[dict, dict]:
     if getattr(model_cfg, "user_profile", False):
         from training.text import user_text_embeddings
 
-        text_cfg = text_cfg or {}
-        template = text_cfg.get("user_template")
+        template = options.get("user_template")
         if not template:
             raise ValueError("model.user_profile=true needs model.text.user_template, a format string over the user "
                              "table's columns (e.g. '{age} year old {gender} {occupation}').")
-        tensors["user_text"] = user_text_embeddings(
-            dm.load_users_frame(), list(dm.prepare().user_ids), template, model_path=text_cfg.get("path"),
-            pooling=text_cfg.get("pooling", "mean"), max_length=text_cfg.get("max_length", 64),
-            batch_size=text_cfg.get("batch_size", 64))
+        tensors["user_text"] = user_text_embeddings(dm.load_users_frame(), list(dm.prepare().user_ids), template,
+                                                    **encoder)
         info.user_text_dim = int(tensors["user_text"].shape[1])
     return tensors, info.scalars()
 

@@ -351,6 +351,7 @@ class SeqDataModule(L.LightningDataModule):
         self.data: SequenceData | None = None
         self.items_frame = None  # raw item table (text fields), when the source has one
         self.users_frame = None  # raw user table (profile fields), when the source has one
+        self._side_tables_read = False
         self._samplers: dict[str, ShardedBatchSampler] = {}
         self._train_resume: dict | None = None  # {"epoch", "batches"} from a checkpoint (mid-epoch resume)
 
@@ -385,7 +386,7 @@ class SeqDataModule(L.LightningDataModule):
             from training.data import synthetic
 
             gen = synthetic.generate(**(s.synthetic or {}))
-            return gen.interactions, gen.items, getattr(gen, "users", None), "synthetic"
+            return gen.interactions, gen.items, gen.users, "synthetic"
         raise DataError(f"data.source.kind={s.kind!r}: use ml100k, atomic, table or synthetic.")
 
     def _fingerprint(self) -> dict:
@@ -420,16 +421,21 @@ class SeqDataModule(L.LightningDataModule):
         self.cache_path = path
         return self.data
 
-    def load_items_frame(self):
-        """The raw item table (for text templates); read lazily because only text models need it."""
-        if self.items_frame is None:
+    def _read_side_tables(self) -> None:
+        """Item and user tables, read once (lazily: only text and profile models need them); a source without
+        one leaves it None without being read again."""
+        if not self._side_tables_read:
             _, self.items_frame, self.users_frame, _ = self._read()
+            self._side_tables_read = True
+
+    def load_items_frame(self):
+        """The raw item table (for text templates), or None when the source has none."""
+        self._read_side_tables()
         return self.items_frame
 
     def load_users_frame(self):
         """The raw user table (profile texts for `model.user_profile`), or None when the source has none."""
-        if self.users_frame is None:
-            _, self.items_frame, self.users_frame, _ = self._read()
+        self._read_side_tables()
         return self.users_frame
 
     def setup(self, stage: str | None = None) -> None:

@@ -395,12 +395,14 @@ class LSTI(SequenceRecommender):
             h = self.emb_norm(h)
         h = self.drop(h) * (items > 0).unsqueeze(-1)
         out = self.long_encoder(h, items, query_mask)
+        per_user = []  # vectors of the user, added at every position
         if self.user_emb is not None:
-            user = self.user_emb(users.clamp(0, self.user_emb.num_embeddings - 1))
-            out = out + (user.unsqueeze(1) if query_mask is None else user[query_rows])
+            per_user.append(self.user_emb(users.clamp(0, self.user_emb.num_embeddings - 1)))
         if self.cfg.user_profile and self.cfg.profile_into == "long":
-            profile = self.user_profiles(users).to(out.dtype)
-            out = out + (profile.unsqueeze(1) if query_mask is None else profile[query_rows])
+            per_user.append(self.user_profiles(users).to(out.dtype))
+        if per_user:
+            user = sum(per_user)
+            out = out + (user.unsqueeze(1) if query_mask is None else user[query_rows])
         return out
 
     def _short_windows(self, items: torch.Tensor, times: torch.Tensor, rows: torch.Tensor,
