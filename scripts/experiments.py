@@ -4,6 +4,7 @@
     python scripts/experiments.py prefix --seeds 1 2 3 --jobs 3 # the same, all on the per-prefix recipe
     python scripts/experiments.py crop --seeds 1 2 3 --jobs 2      # training on cropped (short) histories too
     python scripts/experiments.py coldstart --seeds 1 2 3          # 10% items held out, per fusion mode
+    python scripts/experiments.py coldusers --seeds 1 2 3 --jobs 2 # 20% users held out, evaluated as new users
     python scripts/experiments.py ablations --only sasrec lsti --extra trainer.max_epochs=50
     python scripts/experiments.py ablations --report-only   # tabulate what has finished, start nothing
 
@@ -75,6 +76,16 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "lsti_crop_len_profile_user": ["model=lsti", "data.train_history_crop=0.3", "model.gate_length=true",
                                        "model.user_profile=true", "model.profile_into=user"],
     },
+    # 20% of the users held out of training and validation, then evaluated as new users after each of their first
+    # 1..20 events (cold_users/ metrics): a short-history slice that MovieLens-100k's own users cannot give (each
+    # has >= 20 events). Each seed holds out a different fifth of the users.
+    "coldusers": {
+        "pop": ["model=pop"],
+        "sasrec": ["model=sasrec"],
+        "lsti": ["model=lsti"],
+        "sasrec_crop": ["model=sasrec", "data.train_history_crop=0.3"],
+        "lsti_crop_len": ["model=lsti", "data.train_history_crop=0.3", "model.gate_length=true"],
+    },
     "coldstart": {
         "pop": ["model=pop"],
         "sasrec (id)": ["model=sasrec"],
@@ -85,10 +96,12 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "lsti id+text (id dropout 0.2)": ["model=lsti", "model.id_dropout=0.2"],
     },
 }
-SUITE_EXTRA = {"coldstart": ["data.preprocess.cold_item_fraction=0.1"]}
+SUITE_EXTRA = {"coldstart": ["data.preprocess.cold_item_fraction=0.1"],
+               "coldusers": ["data.preprocess.cold_user_fraction=0.2"]}
 # Overrides that follow the seed: each cold-start seed holds out a different 10% of the items (seed 1 -> item
 # set 0, ...), so the number of cold test targets grows with the seeds instead of re-measuring one set.
-SEED_EXTRA = {"coldstart": lambda seed: [f"data.preprocess.cold_item_seed={seed - 1}"]}
+SEED_EXTRA = {"coldstart": lambda seed: [f"data.preprocess.cold_item_seed={seed - 1}"],
+              "coldusers": lambda seed: [f"data.preprocess.cold_user_seed={seed - 1}"]}
 # overall + slices, without users_len<=5 (empty on MovieLens-100k: every user has >= 20 events)
 ML100K_SLICES = ["test/hr@10", "test/ndcg@10", "test/mrr@10", "test/users_len6-20/ndcg@10",
                  "test/users_len>20/ndcg@10", "test/items_head/ndcg@10", "test/items_tail/ndcg@10"]
@@ -98,6 +111,8 @@ COLUMNS = {
                   "test/items_tail/ndcg@10"],
     "prefix": ML100K_SLICES,
     "crop": ML100K_SLICES,
+    "coldusers": ["test/ndcg@10", "cold_users/hr@10", "cold_users/ndcg@10", "cold_users/users_len<=5/ndcg@10",
+                  "cold_users/users_len6-20/ndcg@10", "cold_users/items_tail/ndcg@10"],
     "coldstart": ["test/items_unseen/hr@10", "test/items_unseen/ndcg@10", "test/items_unseen/count",
                   "test/hr@10", "test/ndcg@10"],
 }

@@ -4,6 +4,7 @@
     python scripts/paired_bootstrap.py A_dir B_dir --max-history 20 --seeds 1 2 3 --section paired_crop
     python scripts/paired_bootstrap.py A_dir B_dir --history-cap 1 3 10   # capped histories vs whole ones
     python scripts/paired_bootstrap.py A_dir B_dir --slice tail           # users whose target is a tail item
+    python scripts/paired_bootstrap.py A_dir B_dir --slice cold_users     # held-out users with <= 5 known events
 
 A_dir / B_dir hold one run per seed (`seed<s>/checkpoints/best.ckpt`, as `scripts/experiments.py` writes). Each
 run's test split is evaluated once with `training.evaluate save_ranks=true` (cached as
@@ -14,6 +15,12 @@ short`: users whose history is at most `--max-history` events; `--slice tail`: u
 tail item, the evaluator's items_tail), and the difference of the two. It prints (and, with
 `--section`, writes into docs/results.md) the estimates with 95% percentile intervals. An interval for the
 difference that contains 0 means this data cannot tell "more gain on the slice" from "the same gain".
+
+`--slice cold_users` compares runs trained with `data.preprocess.cold_user_fraction` (users held out of training,
+`scripts/experiments.py coldusers`): B's gain on the held-out users' queries with at most `--max-history` known
+events (default 5) against its gain on the other users' test queries, from `training.evaluate split=cold_users`
+(cached as `<run>/ranks_cold_users/ranks.csv`) and the test ranks. A held-out user has up to 20 queries per seed;
+users are the resampled unit, so their queries stay together.
 
 `--history-cap N ...` also evaluates every run with each user's history capped at the latest N events
 (`training.evaluate history_cap=N`, cached as `<run>/ranks_cap<N>/ranks.csv`) and compares B's gain on the
@@ -34,13 +41,15 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def ranks_of(run: Path, cap: int | None = None) -> pd.DataFrame:
-    """The run's per-query test ranks, whole histories or capped at `cap` events (evaluated once, then read
-    from <run>/ranks[_cap<N>]/ranks.csv)."""
-    path = run / ("ranks" if cap is None else f"ranks_cap{cap}") / "ranks.csv"
+def ranks_of(run: Path, cap: int | None = None, split: str = "test") -> pd.DataFrame:
+    """The run's per-query ranks on `split`, whole histories or capped at `cap` events (evaluated once, then read
+    from <run>/ranks[_cap<N>]/ranks.csv, or <run>/ranks_cold_users/ranks.csv)."""
+    name = "ranks" if cap is None else f"ranks_cap{cap}"
+    path = run / (name if split == "test" else f"{name}_{split}") / "ranks.csv"
     if not path.exists():
         cmd = [sys.executable, "-m", "training.evaluate", f"ckpt={run / 'checkpoints' / 'best.ckpt'}",
-               "save_ranks=true", f"hydra.run.dir={path.parent}", "trainer.enable_progress_bar=false"]
+               "save_ranks=true", f"hydra.run.dir={path.parent}", "trainer.enable_progress_bar=false",
+               f"split={split}"]
         if cap is not None:
             cmd.append(f"history_cap={cap}")
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -49,18 +58,27 @@ def ranks_of(run: Path, cap: int | None = None) -> pd.DataFrame:
     return pd.read_csv(path, dtype={"user": str, "item": str})
 
 
-def user_ndcg(config_dir: Path, seeds: list[int] | None, cap: int | None = None,
-              k: int = 10) -> tuple[pd.DataFrame, list[int]]:
-    """Per user: NDCG@k averaged over the configuration's seeds, and the user's history length."""
+def finished_runs(config_dir: Path, seeds: list[int] | None) -> list[Path]:
     runs = sorted((d for d in config_dir.glob("seed*") if d.name[4:].isdigit()
                    and (seeds is None or int(d.name[4:]) in seeds)
                    and (d / "checkpoints" / "best.ckpt").exists()), key=lambda d: int(d.name[4:]))
     if not runs:
         raise SystemExit(f"{config_dir}: no finished run (seed<s>/checkpoints/best.ckpt){' for seeds ' + str(seeds) if seeds else ''}.")
+    return runs
+
+
+def ndcg_at(rank: pd.Series, k: int = 10) -> np.ndarray:
+    return np.where(rank < k, 1.0 / np.log2(rank + 2.0), 0.0)
+
+
+def user_ndcg(config_dir: Path, seeds: list[int] | None, cap: int | None = None,
+              k: int = 10) -> tuple[pd.DataFrame, list[int]]:
+    """Per user: NDCG@k averaged over the configuration's seeds, and the user's history length."""
+    runs = finished_runs(config_dir, seeds)
     frames = []
     for run in runs:
         r = ranks_of(run, cap)
-        r["ndcg"] = np.where(r["rank"] < k, 1.0 / np.log2(r["rank"] + 2.0), 0.0)
+        r["ndcg"] = ndcg_at(r["rank"], k)
         if "head_item" not in r.columns:
             raise SystemExit(f"{run}: ranks.csv predates the head_item column; delete {run}/ranks* to re-evaluate.")
         frames.append(r.set_index("user")[["ndcg", "history", "head_item"]])
@@ -68,6 +86,61 @@ def user_ndcg(config_dir: Path, seeds: list[int] | None, cap: int | None = None,
     first = frames[0]
     return (pd.DataFrame({"ndcg": ndcg, "history": first["history"], "head_item": first["head_item"]}),
             [int(d.name[4:]) for d in runs])
+
+
+def cold_user_totals(base: Path, model: Path, seeds: list[int] | None, max_history: int) -> tuple[dict, list[int]]:
+    """Per user, summed over the seeds: NDCG@10 of A and B on the test split (where the user was not held out), on
+    the cold_users split with at most `max_history` known events, and on the whole cold_users split. Each seed holds
+    out its own users, the same ones for A and B (same data settings), so queries pair exactly within a seed."""
+    runs_a, runs_b = finished_runs(base, seeds), finished_runs(model, seeds)
+    if [r.name for r in runs_a] != [r.name for r in runs_b]:
+        raise SystemExit(f"{base} and {model} have different finished seeds ({[r.name for r in runs_a]} vs "
+                         f"{[r.name for r in runs_b]}): pass --seeds with the ones both have.")
+    parts = []
+    for run_a, run_b in zip(runs_a, runs_b):
+        for split in ("test", "cold_users"):
+            ra, rb = ranks_of(run_a, split=split), ranks_of(run_b, split=split)
+            if not (ra["user"].equals(rb["user"]) and ra["item"].equals(rb["item"])):
+                raise SystemExit(f"{run_a} and {run_b} hold different {split} queries: were they trained with the same "
+                                 "data.preprocess.cold_user_fraction and cold_user_seed?")
+            na, nb = ndcg_at(ra["rank"]), ndcg_at(rb["rank"])
+            if split == "test":
+                parts.append(pd.DataFrame({"user": ra["user"], "warm_a": na, "warm_b": nb}))
+            else:
+                short = (ra["history"] <= max_history).to_numpy()
+                parts.append(pd.DataFrame({"user": ra["user"], "short_a": na * short, "short_b": nb * short,
+                                           "cold_a": na, "cold_b": nb}))
+    totals = pd.concat(parts).fillna(0.0).groupby("user").sum()
+    if not totals["cold_a"].any() and not totals["cold_b"].any():
+        raise SystemExit(f"{base}: no held-out user was ranked: train with data.preprocess.cold_user_fraction > 0.")
+    return {c: totals[c].to_numpy() for c in totals.columns}, [int(r.name[4:]) for r in runs_a]
+
+
+def bootstrap_totals(totals: dict, gains: dict[str, tuple[str, str]], samples: int, seed: int) -> dict[str, np.ndarray]:
+    """Relative gains sum(B)/sum(A) - 1 per resample of users, for each named pair of columns of `totals`."""
+    n = next(iter(totals.values())).shape[0]
+    idx = np.random.default_rng(seed).integers(0, n, (samples, n))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {name: totals[b][idx].sum(1) / totals[a][idx].sum(1) - 1.0 for name, (a, b) in gains.items()}
+
+
+def cold_user_rows(args: argparse.Namespace) -> tuple[list[str], str]:
+    """Table rows for --slice cold_users: B's gain over A on the remaining users' test queries (whole histories), on
+    the held-out users' queries with at most --max-history known events and on all of theirs, and the differences."""
+    totals, seeds = cold_user_totals(args.base, args.model, args.seeds, args.max_history)
+    gains = {"warm": ("warm_a", "warm_b"), "short": ("short_a", "short_b"), "cold": ("cold_a", "cold_b")}
+    est = {name: totals[b].sum() / totals[a].sum() - 1.0 for name, (a, b) in gains.items()}
+    draws = bootstrap_totals(totals, gains, args.samples, args.seed)
+    rows = [_row("test split: users kept in training, whole histories", est["warm"], draws["warm"]),
+            _row(f"held-out users, <= {args.max_history} known events", est["short"], draws["short"]),
+            _row("held-out users, every evaluated history length", est["cold"], draws["cold"]),
+            _row(f"held-out <= {args.max_history} gain - test gain", est["short"] - est["warm"],
+                 draws["short"] - draws["warm"]),
+            _row("held-out gain - test gain", est["cold"] - est["warm"], draws["cold"] - draws["warm"])]
+    what = (f"test and cold_users NDCG@10 of `{args.model.name}` over `{args.base.name}`; NDCG@10 summed per user over "
+            f"seeds {seeds} (each seed holds out its own users); {args.samples} paired resamples of "
+            f"{totals['warm_a'].shape[0]} users")
+    return rows, what
 
 
 def bootstrap(a: np.ndarray, b: np.ndarray, in_slice: np.ndarray, samples: int, seed: int) -> dict[str, np.ndarray]:
@@ -110,9 +183,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("base", type=Path, help="configuration directory of model A (the baseline)")
     ap.add_argument("model", type=Path, help="configuration directory of model B")
-    ap.add_argument("--slice", choices=("short", "tail"), default="short",
-                    help="short: users with few known events; tail: users whose target is a tail item")
-    ap.add_argument("--max-history", type=int, default=20, help="--slice short: at most this many known events")
+    ap.add_argument("--slice", choices=("short", "tail", "cold_users"), default="short",
+                    help="short: users with few known events; tail: users whose target is a tail item; cold_users: "
+                         "users held out of training (data.preprocess.cold_user_fraction) with few known events")
+    ap.add_argument("--max-history", type=int, default=None,
+                    help="at most this many known events (default 20 for --slice short, 5 for --slice cold_users)")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="only these seeds (default: every finished)")
     ap.add_argument("--history-cap", type=int, nargs="+", default=None,
                     help="also compare the gain with histories capped at these numbers of events")
@@ -121,6 +196,15 @@ def main() -> None:
     ap.add_argument("--section", default=None, help="also write the result into docs/results.md under this name")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
     args = ap.parse_args()
+    if args.max_history is None:
+        args.max_history = 5 if args.slice == "cold_users" else 20
+    if args.slice == "cold_users":
+        if args.history_cap:
+            raise SystemExit("--history-cap compares capped test histories; it does not combine with --slice cold_users.")
+        rows, what = cold_user_rows(args)
+        cmd = f"python scripts/paired_bootstrap.py {_shown(args.base)} {_shown(args.model)} --slice cold_users " \
+              f"--max-history {args.max_history}" + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds else "")
+        return report(args, cmd, what, rows)
     a, seeds_a = user_ndcg(args.base, args.seeds)
     b, seeds_b = user_ndcg(args.model, args.seeds)
     users = a.index.intersection(b.index)
@@ -157,10 +241,13 @@ def main() -> None:
     what = f"--max-history {args.max_history}" if args.slice == "short" else "--slice tail"
     cmd = (f"python scripts/paired_bootstrap.py {_shown(args.base)} {_shown(args.model)} {what}" + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds else "")
            + (f" --history-cap {' '.join(map(str, args.history_cap))}" if args.history_cap else ""))
-    text = "\n".join([
-        f"Command: `{cmd}` (test NDCG@10 of `{args.model.name}` over `{args.base.name}`; per-user NDCG@10 averaged "
-        f"over seeds {seeds_a} and {seeds_b}; {args.samples} paired resamples of users).", "",
-        "| users | relative gain | 95% interval | share of resamples > 0 |", "|---|---|---|---|", *rows])
+    report(args, cmd, f"test NDCG@10 of `{args.model.name}` over `{args.base.name}`; per-user NDCG@10 averaged over "
+                      f"seeds {seeds_a} and {seeds_b}; {args.samples} paired resamples of users", rows)
+
+
+def report(args: argparse.Namespace, cmd: str, what: str, rows: list[str]) -> None:
+    text = "\n".join([f"Command: `{cmd}` ({what}).", "",
+                      "| users | relative gain | 95% interval | share of resamples > 0 |", "|---|---|---|---|", *rows])
     print(text)
     if args.section:
         spec = importlib.util.spec_from_file_location("experiments", ROOT / "scripts" / "experiments.py")

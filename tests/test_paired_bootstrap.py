@@ -79,3 +79,42 @@ def test_script_pairs_users_over_seeds_and_writes_its_section(tmp_path, monkeypa
     monkeypatch.setattr(sys, "argv", ["paired_bootstrap.py", str(tmp_path / "base"), str(tmp_path / "none")])
     with pytest.raises(SystemExit, match="no finished run"):
         pb.main()
+
+
+def test_cold_user_mode_pairs_queries_within_seeds(tmp_path, monkeypatch, capsys):
+    """Held-out users differ per seed; their queries (one per known-history length) are paired within each seed
+    and summed per user, and the warm users' test queries give the gain they are compared with."""
+    pb = _script()
+    for config, cold_rank, warm_rank in (("base", 3, 3), ("model", 1, 2)):
+        for seed in (1, 2):
+            run = tmp_path / config / f"seed{seed}"
+            (run / "checkpoints").mkdir(parents=True)
+            (run / "checkpoints" / "best.ckpt").touch()
+            cold = [f"u{i}" for i in range(seed * 4, seed * 4 + 4)]  # each seed holds out its own 4 users
+            warm = [f"u{i}" for i in range(12) if f"u{i}" not in cold]
+            history = [1, 2, 3, 6, 7, 8]  # six queries per held-out user: three with <= 5 known events
+            ranks = {"ranks": pd.DataFrame({"user": warm, "item": "x", "history": 30, "head_item": True,
+                                            "rank": warm_rank}),
+                     "ranks_cold_users": pd.DataFrame({
+                         "user": np.repeat(cold, 6), "item": "y", "history": history * 4, "head_item": True,
+                         # the model's gain is only on the first three events
+                         "rank": [cold_rank if h <= 5 else 3 for h in history] * 4})}
+            for folder, frame in ranks.items():
+                (run / folder).mkdir()
+                frame.to_csv(run / folder / "ranks.csv", index=False)
+    monkeypatch.setattr(sys, "argv", ["paired_bootstrap.py", str(tmp_path / "base"), str(tmp_path / "model"),
+                                      "--samples", "200", "--slice", "cold_users"])
+    pb.main()
+    out = capsys.readouterr().out
+    warm_gain = np.log2(5) / np.log2(4) - 1  # rank 2 vs rank 3
+    short_gain = np.log2(5) / np.log2(3) - 1  # rank 1 vs rank 3
+    all_gain = (3 / np.log2(3) + 3 / np.log2(5)) / (6 / np.log2(5)) - 1
+    assert f"| test split: users kept in training, whole histories | {100 * warm_gain:+.1f}% |" in out
+    assert f"| held-out users, <= 5 known events | {100 * short_gain:+.1f}% |" in out
+    assert f"| held-out users, every evaluated history length | {100 * all_gain:+.1f}% |" in out
+    assert f"| held-out <= 5 gain - test gain | {100 * (short_gain - warm_gain):+.1f}% |" in out
+    assert "12 users" in out
+    (tmp_path / "model" / "seed1" / "ranks_cold_users" / "ranks.csv").write_text(
+        "user,item,history,head_item,rank\nu0,z,1,True,0\n")
+    with pytest.raises(SystemExit, match="different cold_users queries"):
+        pb.main()

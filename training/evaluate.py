@@ -5,6 +5,7 @@
     python -m training.evaluate ckpt=... trainer.devices=2 trainer.accelerator=cpu   # exact in N processes
     python -m training.evaluate ckpt=... history_cap=5   # as if each user had only their latest 5 events
     python -m training.evaluate ckpt=... save_ranks=true # + ranks.csv: every query's rank (paired tests)
+    python -m training.evaluate ckpt=... split=cold_users  # users held out of training (data.preprocess.cold_user_fraction)
 
 The data config stored in the checkpoint is used unless `data=...` overrides it (the catalogue must match).
 """
@@ -19,8 +20,10 @@ import lightning as L
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from training.checkpoints import CheckpointError, load_checkpoint_dict, load_module
+from training.data.datamodule import EVAL_SPLITS
+from training.data.errors import DataError
 from training.report import results_table, write_json_atomic
-from training.train import build_trainer
+from training.train import build_trainer, first_metrics, test_on
 
 
 def evaluate(cfg: DictConfig) -> dict:
@@ -41,11 +44,13 @@ def evaluate(cfg: DictConfig) -> dict:
                               f"the data has {dm.info.num_items}: evaluate it on the dataset it was trained on.")
     out = Path(cfg.paths.output_dir)
     trainer = build_trainer(cfg, out)
+    if cfg.split not in EVAL_SPLITS:
+        raise DataError(f"split={cfg.split!r}: use one of {', '.join(EVAL_SPLITS)}.")
     if cfg.split == "valid":
-        res = trainer.validate(module, datamodule=dm, verbose=False)
+        results = first_metrics(trainer.validate(module, datamodule=dm, verbose=False))
     else:
-        res = trainer.test(module, datamodule=dm, verbose=False)
-    results = {k: float(v) for k, v in (res[0] if res else {}).items()}
+        results = test_on(trainer, module, dm, cfg.split)
+    results = {k: float(v) for k, v in results.items()}
     if trainer.is_global_zero:
         write_json_atomic(out / "metrics.json", results)
         if cfg.get("save_ranks"):
@@ -53,7 +58,7 @@ def evaluate(cfg: DictConfig) -> dict:
 
             is_head = head_items(module.item_counts.cpu(), module.eval_cfg.head_fraction)
             write_ranks(out / "ranks.csv", module.last_ranks, dm.prepare(), cfg.split, is_head)
-        print(results_table(results, "val" if cfg.split == "valid" else "test"))
+        print(results_table(results, "val" if cfg.split == "valid" else cfg.split))
     return results
 
 
@@ -63,7 +68,7 @@ def write_ranks(path: Path, ranks: dict, data, split: str, is_head) -> None:
     target's 0-based full-ranking rank; written via a temp file, so a reader never sees half of it."""
     import pandas as pd
 
-    eval_split = data.valid if split == "valid" else data.test
+    eval_split = getattr(data, split)
     query = ranks["query"].numpy()
     frame = pd.DataFrame({"user": data.user_ids[eval_split.user[query]], "item": data.item_ids[ranks["target"].numpy()],
                           "history": ranks["train_len"].numpy(), "head_item": is_head[ranks["target"]].numpy(),

@@ -157,6 +157,7 @@ class LitRecommender(L.LightningModule):
         self._eval_outputs: list[dict] = []
         self._eval_table: torch.Tensor | None = None
         self._t_last = None
+        self.test_prefix = "test"  # metric prefix of trainer.test: "cold_users" when it serves the held-out users
 
     # ------------------------------------------------------------------ training
     def forward(self, items, times, users):
@@ -396,4 +397,4 @@ class LitRecommender(L.LightningModule):
         self._eval_step(batch)
 
     def on_test_epoch_end(self) -> None:
-        self._eval_end("test")
+        self._eval_end(self.test_prefix)

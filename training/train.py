@@ -115,21 +115,34 @@ def train(cfg: DictConfig) -> tuple[dict, float]:
 
             best_path = evaluation_checkpoint(trainer, best_path)
     results: dict = {}
-    results.update(_first(trainer.validate(lit, datamodule=dm, ckpt_path=best_path, verbose=False)))
+    results.update(first_metrics(trainer.validate(lit, datamodule=dm, ckpt_path=best_path, verbose=False)))
     if cfg.get("test", True):
-        results.update(_first(trainer.test(lit, datamodule=dm, ckpt_path=best_path, verbose=False)))
-    results = {k: float(v) for k, v in results.items() if k.startswith(("val/", "test/"))}
+        results.update(first_metrics(trainer.test(lit, datamodule=dm, ckpt_path=best_path, verbose=False)))
+        if len(dm.prepare().cold_users):  # users held out of training, evaluated as new users
+            results.update(test_on(trainer, lit, dm, "cold_users", best_path))
+    results = {k: float(v) for k, v in results.items() if k.startswith(("val/", "test/", "cold_users/"))}
     results["epochs"] = float(trainer.current_epoch)
     if trainer.is_global_zero:
         write_json_atomic(output_dir / "metrics.json", results)
         table = results_table(results, "test")
+        if any(k.startswith("cold_users/") for k in results):
+            table += "\n\n" + results_table(results, "cold_users")
         (output_dir / "results.md").write_text(table + "\n")
         print(f"\n{table}\n\nbest checkpoint: {best_path}\nrun directory: {output_dir}")
     value = results.get(monitor, float("nan"))
     return results, value if math.isfinite(value) else float("nan")
 
 
-def _first(out: list) -> dict:
+def test_on(trainer: L.Trainer, lit: LitRecommender, dm, split: str, ckpt_path: str | None = None) -> dict:
+    """`trainer.test` on another evaluation split ("cold_users"), its metrics prefixed with the split's name."""
+    dm.test_split, lit.test_prefix = split, split
+    try:
+        return first_metrics(trainer.test(lit, datamodule=dm, ckpt_path=ckpt_path, verbose=False))
+    finally:
+        dm.test_split, lit.test_prefix = "test", "test"
+
+
+def first_metrics(out: list) -> dict:
     return dict(out[0]) if out else {}
 
 

@@ -31,6 +31,8 @@ from training.paths import cache_dir
 
 log = logging.getLogger(__name__)
 
+EVAL_SPLITS = ("valid", "test", "cold_users")  # SequenceData attributes a model can be evaluated on
+
 
 def _dist() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -155,13 +157,19 @@ class EvalQueries(Dataset):
     short-history / new-user study on data where every user has a long history): the window, the seen items
     (filter_seen) and the length slices all see only those events. None: the whole history. A model with a
     user-id embedding (e.g. LSTI's `user_embedding=true`) still carries what it learned about the user in training.
+
+    `new_users`: the queries belong to users held out of training (the `cold_users` split): they reach the model as
+    user -1 (unknown: no user-id embedding, no profile, as when serving a new user), and the length slices count
+    the events known before each query instead of the user's (zero) training events.
     """
 
-    def __init__(self, data: SequenceData, split: EvalSplit, max_len: int, history_cap: int | None = None):
+    def __init__(self, data: SequenceData, split: EvalSplit, max_len: int, history_cap: int | None = None,
+                 new_users: bool = False):
         if history_cap is not None and int(history_cap) < 1:
             raise DataError(f"history cap {history_cap}: must be >= 1 (null evaluates the whole history).")
         self.max_len = max_len
         self.history_cap = None if history_cap is None else int(history_cap)
+        self.new_users = bool(new_users)
         self.offsets = torch.from_numpy(data.offsets)
         self.items = torch.from_numpy(data.items)
         self.times = torch.from_numpy(data.times)
@@ -192,9 +200,9 @@ class EvalQueries(Dataset):
             "times": torch.where(valid, self.times[idx], 0),
             "target": self.items[target_idx],
             "target_time": self.times[target_idx],
-            "users": users,
+            "users": torch.full_like(users, -1) if self.new_users else users,
             "query": q,
-            "train_len": torch.minimum(self.train_end[users], known),
+            "train_len": known if self.new_users else torch.minimum(self.train_end[users], known),
             "seen_offsets": seen_offsets,
             "seen_items": self.items[flat],
         }
@@ -354,6 +362,7 @@ class SeqDataModule(L.LightningDataModule):
         self._side_tables_read = False
         self._samplers: dict[str, ShardedBatchSampler] = {}
         self._train_resume: dict | None = None  # {"epoch", "batches"} from a checkpoint (mid-epoch resume)
+        self.test_split = "test"  # what test_dataloader serves: "test", or "cold_users" (held-out users)
 
     # ---------------------------------------------------------------- reading
     def _read(self) -> tuple[Any, Any, Any, str]:
@@ -477,10 +486,15 @@ class SeqDataModule(L.LightningDataModule):
                             self.seed if crop_seed is None else crop_seed)
 
     def make_eval_queries(self, split: str, data: SequenceData | None = None) -> EvalQueries:
-        """The `split` ("valid" | "test") queries of `data` (default: the whole data set) under this module's
-        settings (window, history cap)."""
+        """The `split` ("valid" | "test" | "cold_users") queries of `data` (default: the whole data set) under this
+        module's settings (window, history cap)."""
+        if split not in EVAL_SPLITS:
+            raise DataError(f"evaluation split {split!r}: use one of {', '.join(EVAL_SPLITS)}.")
         d = self.prepare() if data is None else data
-        return EvalQueries(d, getattr(d, split), self.max_len, self.eval_history_cap)
+        if split == "cold_users" and len(d.cold_users) == 0:
+            raise DataError("the cold_users split is empty: train with data.preprocess.cold_user_fraction > 0 (e.g. "
+                            "0.1) to hold users out of training and evaluate them as new users.")
+        return EvalQueries(d, getattr(d, split), self.max_len, self.eval_history_cap, new_users=split == "cold_users")
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.make_train_windows(), self.batch_size, True, "train")
@@ -489,7 +503,7 @@ class SeqDataModule(L.LightningDataModule):
         return self._loader(self.make_eval_queries("valid"), self.eval_batch_size, False, "val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader(self.make_eval_queries("test"), self.eval_batch_size, False, "test")
+        return self._loader(self.make_eval_queries(self.test_split), self.eval_batch_size, False, "test")
 
     def describe(self) -> str:
         d = self.prepare()
@@ -498,6 +512,9 @@ class SeqDataModule(L.LightningDataModule):
                  f"(raw {s['raw_interactions']:,})",
                  f"train events {s['train_events']:,}  valid queries {s['valid_queries']:,}  "
                  f"test queries {s['test_queries']:,}"]
+        if s.get("cold_users"):
+            lines.append(f"held-out (cold) users {s['cold_users']:,}: {s['cold_queries']:,} queries with "
+                         f"1..{self.preprocess.cold_user_max_history} known events")
         dropped = {k: v for k, v in s.get("dropped", {}).items() if v}
         if dropped:
             lines.append("dropped rows: " + ", ".join(f"{k}={v:,}" for k, v in dropped.items()))

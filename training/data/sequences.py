@@ -31,6 +31,10 @@ class PreprocessConfig:
     k_core: iteratively drop users and items with fewer than k interactions (0: off).
     split: "loo" (leave-one-out by time: last event test, second-last valid) or "temporal" (global
     time cut-offs at the quantiles given by valid_fraction/test_fraction of all events).
+    cold_user_fraction: hold this share of users out of training and validation entirely (new-user study,
+    "strong generalisation"). Each held-out user becomes queries in the `cold_users` split: every event at
+    positions 1..cold_user_max_history, predicted from the events before it, as a new user who has just
+    started. With loo, the remaining users keep their usual validation and test events.
     """
 
     rating_threshold: float | None = None
@@ -40,6 +44,9 @@ class PreprocessConfig:
     test_fraction: float = 0.1
     cold_item_fraction: float = 0.0  # hold this share of items out of training entirely (cold-start study)
     cold_item_seed: int = 0
+    cold_user_fraction: float = 0.0
+    cold_user_seed: int = 0
+    cold_user_max_history: int = 20
 
     def __post_init__(self) -> None:
         if self.split not in ("loo", "temporal"):
@@ -50,6 +57,14 @@ class PreprocessConfig:
             raise DataError(f"data.preprocess.cold_item_fraction={self.cold_item_fraction} must be in [0, 1).")
         if self.cold_item_fraction and self.split != "loo":
             raise DataError("data.preprocess.cold_item_fraction needs split=loo (cold items are kept as test targets).")
+        if not 0 <= self.cold_user_fraction < 1:
+            raise DataError(f"data.preprocess.cold_user_fraction={self.cold_user_fraction} must be in [0, 1).")
+        if self.cold_user_fraction and self.split != "loo":
+            raise DataError("data.preprocess.cold_user_fraction needs split=loo (the temporal split already has "
+                            "its own new users: those whose events all come after the validation cut-off).")
+        if self.cold_user_max_history < 1:
+            raise DataError(f"data.preprocess.cold_user_max_history={self.cold_user_max_history}: must be >= 1 "
+                            "(the longest history a held-out user is evaluated with).")
         if self.split == "temporal" and not (
             0 < self.valid_fraction < 1 and 0 < self.test_fraction < 1
             and self.valid_fraction + self.test_fraction < 1
@@ -71,6 +86,10 @@ class EvalSplit:
         return int(self.user.shape[0])
 
 
+def _empty_split() -> EvalSplit:
+    return EvalSplit(np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64))
+
+
 @dataclass
 class SequenceData:
     """Chronological sequences of all users as flat arrays (see docs/architecture.md)."""
@@ -84,6 +103,8 @@ class SequenceData:
     user_ids: np.ndarray  # str [U]
     item_ids: np.ndarray  # str [N+1], item_ids[0] = "<pad>"
     stats: dict = field(default_factory=dict)
+    # held-out users' queries (PreprocessConfig.cold_user_fraction); empty without them
+    cold_users: EvalSplit = field(default_factory=lambda: _empty_split())
 
     @property
     def num_users(self) -> int:
@@ -112,8 +133,8 @@ class SequenceData:
         np.savez(
             tmp, offsets=self.offsets, items=self.items, times=self.times, train_end=self.train_end,
             valid_user=self.valid.user, valid_pos=self.valid.pos, test_user=self.test.user,
-            test_pos=self.test.pos, user_ids=self.user_ids, item_ids=self.item_ids,
-            stats=np.array(json.dumps(self.stats)),
+            test_pos=self.test.pos, cold_user=self.cold_users.user, cold_pos=self.cold_users.pos, user_ids=self.user_ids,
+            item_ids=self.item_ids, stats=np.array(json.dumps(self.stats)),
         )
         os.replace(tmp, path)
 
@@ -124,6 +145,7 @@ class SequenceData:
                 offsets=z["offsets"], items=z["items"], times=z["times"], train_end=z["train_end"],
                 valid=EvalSplit(z["valid_user"], z["valid_pos"]), test=EvalSplit(z["test_user"], z["test_pos"]),
                 user_ids=z["user_ids"], item_ids=z["item_ids"], stats=json.loads(str(z["stats"])),
+                cold_users=EvalSplit(z["cold_user"], z["cold_pos"]) if "cold_user" in z.files else _empty_split(),
             )
 
     def subset_users(self, users: np.ndarray) -> SequenceData:
@@ -143,7 +165,7 @@ class SequenceData:
         return SequenceData(
             offsets=offsets, items=self.items[gather], times=self.times[gather],
             train_end=self.train_end[users], valid=split(self.valid), test=split(self.test),
-            user_ids=self.user_ids[users], item_ids=self.item_ids, stats=dict(self.stats),
+            user_ids=self.user_ids[users], item_ids=self.item_ids, stats=dict(self.stats), cold_users=split(self.cold_users),
         )
 
 
@@ -234,6 +256,13 @@ def build_sequences(interactions: pd.DataFrame, config: PreprocessConfig, source
         valid = EvalSplit(eval_users, lengths[eval_users] - 2)
         test = EvalSplit(eval_users.copy(), lengths[eval_users] - 1)
         stats["train_only_users(<3 events)"] = int((~evaluable).sum())
+        cold = _cold_users(lengths, config)
+        if cold.shape[0]:
+            # Held out: no training event, no validation or test query; their own queries go to the cold_users split.
+            train_end[cold] = 0
+            keep_valid, keep_test = ~np.isin(valid.user, cold), ~np.isin(test.user, cold)
+            valid = EvalSplit(valid.user[keep_valid], valid.pos[keep_valid])
+            test = EvalSplit(test.user[keep_test], test.pos[keep_test])
     else:
         t_valid, t_test = np.quantile(
             times_sorted, [1 - config.valid_fraction - config.test_fraction, 1 - config.test_fraction]
@@ -246,12 +275,17 @@ def build_sequences(interactions: pd.DataFrame, config: PreprocessConfig, source
         valid = EvalSplit(users_sorted[is_valid], pos[is_valid])
         test = EvalSplit(users_sorted[is_test], pos[is_test])
         stats["cutoffs"] = {"valid_from": int(t_valid), "test_from": int(t_test)}
+        cold = np.zeros(0, dtype=np.int64)
+    per_user = np.minimum(lengths[cold] - 1, config.cold_user_max_history)  # queries at positions 1..per_user
+    cold_split = EvalSplit(np.repeat(cold, per_user), _ranges(np.ones_like(per_user), per_user))
 
     item_id_array = np.concatenate([np.array(["<pad>"]), np.asarray(item_ids, dtype=str)])
     stats.update(
         users=num_users, items=len(item_ids), interactions=int(offsets[-1]),
         train_events=int(train_end.sum()), valid_queries=len(valid), test_queries=len(test),
     )
+    if len(cold_split):
+        stats.update(cold_users=int(cold.shape[0]), cold_queries=len(cold_split))
     if len(valid) == 0 or len(test) == 0:
         raise DataError(
             f"{source}: the {config.split!r} split left no validation or test queries ({stats}); "
@@ -259,8 +293,23 @@ def build_sequences(interactions: pd.DataFrame, config: PreprocessConfig, source
         )
     return SequenceData(
         offsets=offsets, items=items_sorted, times=times_sorted, train_end=train_end, valid=valid,
-        test=test, user_ids=np.asarray(user_ids, dtype=str), item_ids=item_id_array, stats=stats,
+        test=test, user_ids=np.asarray(user_ids, dtype=str), item_ids=item_id_array, stats=stats, cold_users=cold_split,
     )
+
+
+def _cold_users(lengths: np.ndarray, config: PreprocessConfig) -> np.ndarray:
+    """The held-out users (sorted indices): a `cold_user_fraction` share of all users, drawn among those with at
+    least 3 events, so that at least one of the remaining users still has validation and test queries."""
+    if config.cold_user_fraction <= 0:
+        return np.zeros(0, dtype=np.int64)
+    candidates = np.flatnonzero(lengths >= 3)
+    n_cold = int(round(config.cold_user_fraction * lengths.shape[0]))
+    if n_cold >= candidates.shape[0]:
+        raise DataError(f"data.preprocess.cold_user_fraction={config.cold_user_fraction} holds out {n_cold} users but "
+                        f"only {candidates.shape[0]} have 3+ events and some must stay to train and validate on; "
+                        "lower the fraction.")
+    rng = np.random.default_rng(config.cold_user_seed)
+    return np.sort(rng.choice(candidates, n_cold, replace=False)).astype(np.int64)
 
 
 def cache_key(source_fingerprint: dict, config: PreprocessConfig) -> str:

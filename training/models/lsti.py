@@ -397,7 +397,8 @@ class LSTI(SequenceRecommender):
         out = self.long_encoder(h, items, query_mask)
         per_user = []  # vectors of the user, added at every position
         if self.user_emb is not None:
-            per_user.append(self.user_emb(users.clamp(0, self.user_emb.num_embeddings - 1)))
+            known = (users >= 0).unsqueeze(-1)  # -1: a user unknown to the model (new at serving, held out)
+            per_user.append(self.user_emb(users.clamp(0, self.user_emb.num_embeddings - 1)) * known)
         if self.cfg.user_profile and self.cfg.profile_into == "long":
             per_user.append(self.user_profiles(users).to(out.dtype))
         if per_user:
