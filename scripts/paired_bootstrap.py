@@ -88,6 +88,9 @@ def user_ndcg(config_dir: Path, seeds: list[int] | None, cap: int | None = None,
             [int(d.name[4:]) for d in runs])
 
 
+HISTORY_BANDS = ((1, 1), (2, 3), (4, 5), (6, 10), (11, 20))  # known events of a held-out user's query
+
+
 def cold_user_totals(base: Path, model: Path, seeds: list[int] | None, max_history: int) -> tuple[dict, list[int]]:
     """Per user, summed over the seeds: NDCG@10 of A and B on the test split (where the user was not held out), on
     the cold_users split with at most `max_history` known events, and on the whole cold_users split. Each seed holds
@@ -107,9 +110,13 @@ def cold_user_totals(base: Path, model: Path, seeds: list[int] | None, max_histo
             if split == "test":
                 parts.append(pd.DataFrame({"user": ra["user"], "warm_a": na, "warm_b": nb}))
             else:
-                short = (ra["history"] <= max_history).to_numpy()
-                parts.append(pd.DataFrame({"user": ra["user"], "short_a": na * short, "short_b": nb * short,
-                                           "cold_a": na, "cold_b": nb}))
+                history = ra["history"].to_numpy()
+                columns = {"user": ra["user"], "short_a": na * (history <= max_history),
+                           "short_b": nb * (history <= max_history), "cold_a": na, "cold_b": nb}
+                for lo, hi in HISTORY_BANDS:
+                    band = (history >= lo) & (history <= hi)
+                    columns[f"band{lo}_a"], columns[f"band{lo}_b"] = na * band, nb * band
+                parts.append(pd.DataFrame(columns))
     totals = pd.concat(parts).fillna(0.0).groupby("user").sum()
     if not totals["cold_a"].any() and not totals["cold_b"].any():
         raise SystemExit(f"{base}: no held-out user was ranked: train with data.preprocess.cold_user_fraction > 0.")
@@ -128,7 +135,9 @@ def cold_user_rows(args: argparse.Namespace) -> tuple[list[str], str]:
     """Table rows for --slice cold_users: B's gain over A on the remaining users' test queries (whole histories), on
     the held-out users' queries with at most --max-history known events and on all of theirs, and the differences."""
     totals, seeds = cold_user_totals(args.base, args.model, args.seeds, args.max_history)
-    gains = {"warm": ("warm_a", "warm_b"), "short": ("short_a", "short_b"), "cold": ("cold_a", "cold_b")}
+    gains = {"warm": ("warm_a", "warm_b"), "short": ("short_a", "short_b"), "cold": ("cold_a", "cold_b"),
+             **{f"band{lo}": (f"band{lo}_a", f"band{lo}_b") for lo, _ in HISTORY_BANDS}}
+    gains = {name: pair for name, pair in gains.items() if totals[pair[0]].any()}  # bands past the data's histories
     est = {name: totals[b].sum() / totals[a].sum() - 1.0 for name, (a, b) in gains.items()}
     draws = bootstrap_totals(totals, gains, args.samples, args.seed)
     rows = [_row("test split: users kept in training, whole histories", est["warm"], draws["warm"]),
@@ -137,6 +146,8 @@ def cold_user_rows(args: argparse.Namespace) -> tuple[list[str], str]:
             _row(f"held-out <= {args.max_history} gain - test gain", est["short"] - est["warm"],
                  draws["short"] - draws["warm"]),
             _row("held-out gain - test gain", est["cold"] - est["warm"], draws["cold"] - draws["warm"])]
+    rows += [_row(f"held-out users, {lo}{'' if lo == hi else f'-{hi}'} known event{'s' if hi > 1 else ''}",
+                  est[f"band{lo}"], draws[f"band{lo}"]) for lo, hi in HISTORY_BANDS if f"band{lo}" in est]
     what = (f"test and cold_users NDCG@10 of `{args.model.name}` over `{args.base.name}`; NDCG@10 summed per user over "
             f"seeds {seeds} (each seed holds out its own users); {args.samples} paired resamples of "
             f"{totals['warm_a'].shape[0]} users")

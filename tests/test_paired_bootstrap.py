@@ -114,6 +114,9 @@ def test_cold_user_mode_pairs_queries_within_seeds(tmp_path, monkeypatch, capsys
     assert f"| held-out users, every evaluated history length | {100 * all_gain:+.1f}% |" in out
     assert f"| held-out <= 5 gain - test gain | {100 * (short_gain - warm_gain):+.1f}% |" in out
     assert "12 users" in out
+    assert f"| held-out users, 1 known event | {100 * short_gain:+.1f}% |" in out  # per band of known events
+    assert "| held-out users, 6-10 known events | +0.0% |" in out
+    assert "4-5 known events" not in out  # no query has 4-5 known events here
     (tmp_path / "model" / "seed1" / "ranks_cold_users" / "ranks.csv").write_text(
         "user,item,history,head_item,rank\nu0,z,1,True,0\n")
     with pytest.raises(SystemExit, match="different cold_users queries"):
