@@ -134,3 +134,6 @@ def test_train_and_evaluate_report_held_out_users(tmp_path, model):
     ndcg = np.where(ranks["rank"] < 10, 1 / np.log2(ranks["rank"] + 2), 0).mean()
     assert ndcg == pytest.approx(results["cold_users/ndcg@10"], abs=1e-6)
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["cold_users/num_queries"] == n_cold
+    cfg.split = "cold"
+    with pytest.raises(DataError, match="split='cold': use one of valid, test, cold_users"):
+        evaluate(cfg)

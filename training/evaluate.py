@@ -29,6 +29,8 @@ from training.train import build_trainer, first_metrics, test_on
 def evaluate(cfg: DictConfig) -> dict:
     if not cfg.get("ckpt"):
         raise CheckpointError("pass ckpt=<path to a checkpoint file or ZeRO directory>.")
+    if cfg.split not in EVAL_SPLITS:
+        raise DataError(f"split={cfg.split!r}: use one of {', '.join(EVAL_SPLITS)}.")
     hp = load_checkpoint_dict(cfg.ckpt)["hyper_parameters"]
     evaluation = {**hp.get("evaluation", {}), **OmegaConf.to_container(cfg.evaluation, resolve=True)}
     module = load_module(cfg.ckpt, evaluation=evaluation)
@@ -44,8 +46,6 @@ def evaluate(cfg: DictConfig) -> dict:
                               f"the data has {dm.info.num_items}: evaluate it on the dataset it was trained on.")
     out = Path(cfg.paths.output_dir)
     trainer = build_trainer(cfg, out)
-    if cfg.split not in EVAL_SPLITS:
-        raise DataError(f"split={cfg.split!r}: use one of {', '.join(EVAL_SPLITS)}.")
     if cfg.split == "valid":
         results = first_metrics(trainer.validate(module, datamodule=dm, verbose=False))
     else:
