@@ -117,6 +117,8 @@ COLUMNS = {
                   "test/hr@10", "test/ndcg@10"],
 }
 
+PLOT_METRIC = {"coldstart": "test/items_unseen/hr@10", "coldusers": "cold_users/users_len<=5/ndcg@10"}  # bar charts
+
 
 def config_dir(out: Path, name: str) -> Path:
     """Where a configuration's runs live (one seed<s> directory each); names may hold spaces and parentheses."""
@@ -208,7 +210,7 @@ def plot(suite: str, results: dict[str, list[dict]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    metric = "test/items_unseen/hr@10" if suite == "coldstart" else "test/ndcg@10"
+    metric = PLOT_METRIC.get(suite, "test/ndcg@10")
     names = list(results)
     stats = [mean_std([r.get(metric) for r in results[n]]) for n in names]
     fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(names)), 3.5))
