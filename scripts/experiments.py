@@ -217,7 +217,7 @@ def plot(suite: str, results: dict[str, list[dict]], path: Path) -> None:
     ax.bar(range(len(names)), [m for m, _ in stats], yerr=[s for _, s in stats], capsize=4, color="#4c72b0")
     ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_ylabel(metric)
-    ax.set_title(f"{suite}: {metric} (mean ± std over seeds)")
+    ax.set_title(f"{suite}: {metric} (mean ± std over seeds)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
