@@ -11,7 +11,13 @@ import torch
 from tests.helpers import tiny_config
 from training.data.datamodule import EvalQueries, SeqDataModule
 from training.data.errors import DataError
-from training.data.sequences import PreprocessConfig, SequenceData, build_sequences
+from training.data.sequences import (
+    PreprocessConfig,
+    SequenceData,
+    build_sequences,
+    held_out_user_codes,
+    user_side_rows,
+)
 from training.train import train
 
 
@@ -63,7 +69,9 @@ def test_split_survives_cache_and_federated_subsets(interactions, tmp_path):
 def test_cold_batches_are_new_user_queries(interactions):
     d = build_sequences(interactions, PreprocessConfig(cold_user_fraction=0.3, cold_user_max_history=6))
     b = EvalQueries(d, d.cold_users, 5, new_users=True)[torch.arange(len(d.cold_users))]
-    assert (b["users"] == -1).all()  # unknown to the model, as a new user at serving
+    # never trained on, but their own profile row stays reachable
+    assert torch.equal(user_side_rows(b["users"]), torch.from_numpy(d.cold_users.user))
+    assert (b["users"] <= -2).all()
     for q in range(len(d.cold_users)):
         u, p = d.cold_users.user[q], d.cold_users.pos[q]
         known = d.items[d.offsets[u]:d.offsets[u] + p]
@@ -98,11 +106,12 @@ def test_lsti_ignores_the_user_embedding_of_unknown_users():
                  DataInfo(num_items=20, num_users=5, max_len=6)).eval()
     items = torch.randint(1, 21, (3, 6))
     times = torch.arange(18).reshape(3, 6) * 100
-    unknown = torch.full((3,), -1)
-    before = model(items, times, unknown)
+    unknown, held_out = torch.full((3,), -1), held_out_user_codes(torch.tensor([0, 1, 2]))
+    before, before_held_out = model(items, times, unknown), model(items, times, held_out)
     with torch.no_grad():
         model.user_emb.weight.normal_()
     assert torch.allclose(model(items, times, unknown), before)
+    assert torch.allclose(model(items, times, held_out), before_held_out)
     assert not torch.allclose(model(items, times, torch.tensor([0, 1, 2])), before)
 
 

@@ -9,7 +9,7 @@ import torch
 from helpers import tiny_config
 
 from training import text as T
-from training.data.sequences import DataInfo
+from training.data.sequences import DataInfo, held_out_user_codes
 from training.models.lsti import LSTIConfig
 from training.serving import Recommender
 from training.train import train
@@ -74,6 +74,21 @@ def test_profile_changes_the_state_only_of_users_with_one(into):
         full = model(items, times, users)
         fast = model(items, times, users, query_mask=mask)
     assert torch.allclose(fast, full[mask], atol=1e-5)
+
+
+def test_held_out_users_keep_their_profile_but_not_their_id_embedding():
+    """A user held out of training (the cold_users split) gives the profile row a new user gives at sign-up; the
+    user-id embedding, never trained for them, is left out."""
+    model = _model(user_embedding=True)
+    items = torch.randint(1, N + 1, (1, W), generator=torch.Generator().manual_seed(1)).repeat(3, 1)
+    times = torch.arange(W).repeat(3, 1) * 100
+    with torch.no_grad():
+        held_out = held_out_user_codes(torch.tensor([0, 1, 2]))
+        assert torch.equal(model.user_profiles(held_out), model.user_profiles(torch.tensor([0, 1, 2])))
+        before = model(items, times, held_out)
+        model.user_emb.weight.normal_()
+        assert torch.allclose(model(items, times, held_out), before)  # no id embedding
+        assert not torch.allclose(before[0], before[1])  # but their own profiles
 
 
 def test_bad_profile_configs_are_named():

@@ -26,6 +26,7 @@ from training.data.sequences import (
     SequenceData,
     build_sequences,
     cache_key,
+    held_out_user_codes,
 )
 from training.paths import cache_dir
 
@@ -159,8 +160,8 @@ class EvalQueries(Dataset):
     user-id embedding (e.g. LSTI's `user_embedding=true`) still carries what it learned about the user in training.
 
     `new_users`: the queries belong to users held out of training (the `cold_users` split): they reach the model as
-    user -1 (unknown: no user-id embedding, no profile, as when serving a new user), and the length slices count
-    the events known before each query instead of the user's (zero) training events.
+    `held_out_user_codes` (no user-id embedding, but their profile row, which a new user gives at sign-up), and
+    the length slices count the events known before each query instead of the user's (zero) training events.
     """
 
     def __init__(self, data: SequenceData, split: EvalSplit, max_len: int, history_cap: int | None = None,
@@ -200,7 +201,7 @@ class EvalQueries(Dataset):
             "times": torch.where(valid, self.times[idx], 0),
             "target": self.items[target_idx],
             "target_time": self.times[target_idx],
-            "users": torch.full_like(users, -1) if self.new_users else users,
+            "users": held_out_user_codes(users) if self.new_users else users,
             "query": q,
             "train_len": known if self.new_users else torch.minimum(self.train_end[users], known),
             "seen_offsets": seen_offsets,

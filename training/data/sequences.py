@@ -319,6 +319,19 @@ def cache_key(source_fingerprint: dict, config: PreprocessConfig) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
 
+def held_out_user_codes(users: torch.Tensor) -> torch.Tensor:
+    """How a model sees users it never trained on whose side data is known (a held-out user's profile row): as
+    -2 - index. Models drop what they learned per user (the user-id embedding) for any negative code, and
+    read side tables at `user_side_rows`; -1 stays a user with nothing known (a new user at serving)."""
+    return -2 - users
+
+
+def user_side_rows(users: torch.Tensor) -> torch.Tensor:
+    """Row of each user in per-user side tables (profiles): the index itself, the index of a held-out user
+    (`held_out_user_codes`), or -1 for a user with no row."""
+    return torch.where(users <= -2, -2 - users, users)
+
+
 @dataclass
 class DataInfo:
     """What a model needs to know about the data to be built (scalars + optional item-side tensors)."""

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.data.sequences import DataInfo
+from training.data.sequences import DataInfo, user_side_rows
 from training.models.base import SequenceRecommender
 from training.models.gru4rec import left_to_right_padding, right_to_left_padding
 from training.models.layers import CausalEncoder, Dropout, TimeIntervalEmbedding, init_weights
@@ -372,10 +372,11 @@ class LSTI(SequenceRecommender):
         self.register_buffer("user_text", table.to(torch.float32).clone(), persistent=True)
 
     def user_profiles(self, users: torch.Tensor) -> torch.Tensor:
-        """Adapted profile vectors [..., D] of `users`; zeros for users outside the table (e.g. -1, a user
-        unknown at serving) and for users without a profile row."""
-        inside = (users >= 0) & (users < self.user_text.shape[0])
-        text = self.user_text[users.clamp(0, self.user_text.shape[0] - 1)]
+        """Adapted profile vectors [..., D] of `users` (held-out users, `held_out_user_codes`, included); zeros for
+        users outside the table (e.g. -1, a user unknown at serving) and for users without a profile row."""
+        rows = user_side_rows(users)
+        inside = (rows >= 0) & (rows < self.user_text.shape[0])
+        text = self.user_text[rows.clamp(0, self.user_text.shape[0] - 1)]
         keep = inside & (text != 0).any(-1)
         return self.profile_adapter(text) * keep.unsqueeze(-1).to(text.dtype)
 
@@ -397,7 +398,7 @@ class LSTI(SequenceRecommender):
         out = self.long_encoder(h, items, query_mask)
         per_user = []  # vectors of the user, added at every position
         if self.user_emb is not None:
-            known = (users >= 0).unsqueeze(-1)  # -1: a user unknown to the model (new at serving, held out)
+            known = (users >= 0).unsqueeze(-1)  # < 0: a user the model never trained on (new, held out)
             per_user.append(self.user_emb(users.clamp(0, self.user_emb.num_embeddings - 1)) * known)
         if self.cfg.user_profile and self.cfg.profile_into == "long":
             per_user.append(self.user_profiles(users).to(out.dtype))
