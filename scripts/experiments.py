@@ -88,8 +88,6 @@ SUITES: dict[str, dict[str, list[str]]] = {
         # + the profile a new user gives at sign-up (age, gender, occupation through the language model); held-out
         # users keep it (held_out_user_codes), so this asks whether it helps where few events are known
         "lsti_profile": ["model=lsti", "model.user_profile=true"],
-        "lsti_crop_len_profile": ["model=lsti", "data.train_history_crop=0.3", "model.gate_length=true",
-                                  "model.user_profile=true"],
     },
     "coldstart": {
         "pop": ["model=pop"],
