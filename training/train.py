@@ -116,10 +116,9 @@ def train(cfg: DictConfig) -> tuple[dict, float]:
             best_path = evaluation_checkpoint(trainer, best_path)
     results: dict = {}
     results.update(first_metrics(trainer.validate(lit, datamodule=dm, ckpt_path=best_path, verbose=False)))
-    if cfg.get("test", True):
-        results.update(first_metrics(trainer.test(lit, datamodule=dm, ckpt_path=best_path, verbose=False)))
-        if len(dm.prepare().cold_users):  # users held out of training, evaluated as new users
-            results.update(test_on(trainer, lit, dm, "cold_users", best_path))
+    if cfg.get("test", True):  # + the users held out of training, evaluated as new users, when there are any
+        for split in ("test", "cold_users") if len(dm.prepare().cold_users) else ("test",):
+            results.update(test_on(trainer, lit, dm, split, best_path))
     results = {k: float(v) for k, v in results.items() if k.startswith(("val/", "test/", "cold_users/"))}
     results["epochs"] = float(trainer.current_epoch)
     if trainer.is_global_zero:
@@ -134,7 +133,7 @@ def train(cfg: DictConfig) -> tuple[dict, float]:
 
 
 def test_on(trainer: L.Trainer, lit: LitRecommender, dm, split: str, ckpt_path: str | None = None) -> dict:
-    """`trainer.test` on another evaluation split ("cold_users"), its metrics prefixed with the split's name."""
+    """`trainer.test` on an evaluation split ("test" or "cold_users"), its metrics prefixed with the split's name."""
     dm.test_split, lit.test_prefix = split, split
     try:
         return first_metrics(trainer.test(lit, datamodule=dm, ckpt_path=ckpt_path, verbose=False))
