@@ -146,3 +146,24 @@ def test_train_and_evaluate_report_held_out_users(tmp_path, model):
     cfg.split = "cold"
     with pytest.raises(DataError, match="split='cold': use one of valid, test, cold_users"):
         evaluate(cfg)
+
+
+def test_serving_treats_held_out_users_as_in_evaluation(tmp_path):
+    """A held-out user is in the data but was never trained on: serving drops their (untrained) id embedding and
+    keeps their profile, exactly as the cold_users evaluation does; trained users keep both."""
+    from training.serving import Recommender
+
+    extra = ["data.preprocess.cold_user_fraction=0.2", "model.user_embedding=true", "model.user_profile=true",
+             "model.text.user_template='{likes}'"]
+    train(tiny_config(tmp_path / "run", "lsti", extra))
+    rec = Recommender.from_checkpoint(tmp_path / "run" / "checkpoints" / "best.ckpt")
+    data = rec.data
+    held_out = int(data.cold_users.user[0])
+    trained = int(np.flatnonzero(data.train_end > 0)[0])
+    assert rec._user_to_index(data.user_ids[held_out]) == int(held_out_user_codes(torch.tensor(held_out)))
+    assert rec._user_to_index(data.user_ids[trained]) == trained
+    history = list(data.item_ids[data.items[data.offsets[held_out]:data.offsets[held_out] + 3]])
+    before = rec.recommend(history, k=5, user=data.user_ids[held_out])
+    with torch.no_grad():
+        rec.model.user_emb.weight[held_out].add_(10.0)  # their row was never trained: it must not matter
+    assert rec.recommend(history, k=5, user=data.user_ids[held_out]) == before

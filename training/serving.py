@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
+from training.data.sequences import held_out_user_codes
 from training.models.gru4rec import GRU4Rec, right_to_left_padding
 from training.models.lsti import LSTI
 
@@ -391,16 +392,21 @@ class Recommender:
         return index
 
     def _user_to_index(self, user: Any) -> int:
-        if self.uses_profiles and not self.uses_users:
-            known = user is not None and self.user_index is not None and str(user) in self.user_index
-            return self.user_index[str(user)] if known else -1  # -1: no profile (a new user)
-        if not self.uses_users:
+        if not (self.uses_users or self.uses_profiles):
             return 0
-        if user is None or self.user_index is None or str(user) not in self.user_index:
-            raise ServingError(f"this model has user embeddings (model.user_embedding=true), so it needs a known "
-                               f"user id; got {user!r}. Pass user=<raw id of a training user>, or serve a model "
-                               "trained with model.user_embedding=false for new users.")
-        return self.user_index[str(user)]
+        known = user is not None and self.user_index is not None and str(user) in self.user_index
+        if not known:
+            if self.uses_users:
+                raise ServingError(f"this model has user embeddings (model.user_embedding=true), so it needs a known "
+                                   f"user id; got {user!r}. Pass user=<raw id of a training user>, or serve a model "
+                                   "trained with model.user_embedding=false for new users.")
+            return -1  # no profile (a new user)
+        index = self.user_index[str(user)]
+        if self.data is not None and int(self.data.train_end[index]) == 0:
+            # in the data but never trained on (held out, data.preprocess.cold_user_fraction): as in evaluation,
+            # its profile without its untrained id embedding
+            return int(held_out_user_codes(torch.tensor(index)))
+        return index
 
     def check_k(self, k: int) -> int:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or not 1 <= k <= self.num_items:
