@@ -572,8 +572,8 @@ def run_server(grid: Grid, context: Context, cfg: DictConfig) -> dict[str, float
 
     # ---------------------------------------------------------------- final
     results = {}
-    results.update(model.evaluate(values, "valid"))
-    results.update(model.evaluate(values, "test"))
+    for split in model.queries:  # valid, test and, when there are held-out users, cold_users
+        results.update(model.evaluate(values, split))
     results = {k: float(v) for k, v in results.items()}
     results["rounds"] = float(fed.num_rounds)
     from training.report import results_table, write_json_atomic
@@ -590,9 +590,10 @@ def run_server(grid: Grid, context: Context, cfg: DictConfig) -> dict[str, float
         summary.update(epsilon=accountant.epsilon(), epsilon_amplified=accountant.epsilon_amplified(),
                        delta=dp.delta, releases=accountant.releases)
     write_json_atomic(run_dir / "summary.json", summary)
-    (run_dir / "results.md").write_text(results_table(results, "test") + "\n")
+    table = "\n\n".join(results_table(results, split) for split in model.queries if split != "valid")
+    (run_dir / "results.md").write_text(table + "\n")
     recorder.plot()
-    print(f"\n{results_table(results, 'test')}\n\nrun directory: {run_dir}")
+    print(f"\n{table}\n\nrun directory: {run_dir}")
     return results
 
 

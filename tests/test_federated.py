@@ -292,6 +292,16 @@ def test_too_few_updates_keep_the_global_model(tmp_path):
     assert r[1]["test/ndcg@10"] == r[0]["test/ndcg@10"]
 
 
+def test_held_out_users_are_evaluated_centrally(tmp_path):
+    """With data.preprocess.cold_user_fraction the held-out users train on no client and the final global model is
+    evaluated on them as new users (cold_users/*), as training.train does."""
+    cfg = compose(tmp_path, "data.preprocess.cold_user_fraction=0.2", "federated.num_rounds=1",
+                  "federated.evaluation.federated=false")
+    results, _ = run_inprocess(cfg)
+    assert results["cold_users/num_queries"] > 0 and math.isfinite(results["cold_users/ndcg@10"])
+    assert "cold_users slice" in (tmp_path / "results.md").read_text()
+
+
 @pytest.mark.parametrize("strategy", ["fedprox", "fedadam", "fedavgm"])
 def test_other_strategies_run(tmp_path, strategy):
     cfg = compose(tmp_path, f"federated={strategy}", "federated.num_rounds=1", "federated.evaluation.federated=false")
