@@ -413,8 +413,7 @@ class GlobalModel:
         self.names = shared_names(self.module, spec)
         dm = datamodule(spec)
         # + the users held out of training (data.preprocess.cold_user_fraction), evaluated as new users
-        splits = ("valid", "test", "cold_users") if len(dm.prepare().cold_users) else ("valid", "test")
-        self.queries = {split: dm.make_eval_queries(split) for split in splits}
+        self.queries = {split: dm.make_eval_queries(split) for split in ("valid", *dm.test_splits)}
         self.eval_batch_size = int(spec["data"].get("eval_batch_size", 512))
 
     def initial(self) -> dict[str, np.ndarray]:

@@ -156,15 +156,10 @@ def cold_user_rows(args: argparse.Namespace) -> tuple[list[str], str]:
 
 def bootstrap(a: np.ndarray, b: np.ndarray, in_slice: np.ndarray, samples: int, seed: int) -> dict[str, np.ndarray]:
     """Relative gains of b over a (overall, slice, slice - overall) per resample of users."""
-    rng = np.random.default_rng(seed)
-    n = a.shape[0]
-    idx = rng.integers(0, n, (samples, n))
-    w_slice = in_slice[idx].astype(np.float64)
-    sa, sb = a[idx], b[idx]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        overall = sb.sum(1) / sa.sum(1) - 1.0
-        sliced = (sb * w_slice).sum(1) / (sa * w_slice).sum(1) - 1.0
-    return {"overall": overall, "slice": sliced, "difference": sliced - overall}
+    w = in_slice.astype(np.float64)
+    draws = bootstrap_totals({"a": a, "b": b, "a_slice": a * w, "b_slice": b * w},
+                             {"overall": ("a", "b"), "slice": ("a_slice", "b_slice")}, samples, seed)
+    return {**draws, "difference": draws["slice"] - draws["overall"]}
 
 
 def _shown(path: Path) -> str:
@@ -178,11 +173,9 @@ def _shown(path: Path) -> str:
 def bootstrap_capped(a: np.ndarray, b: np.ndarray, a_cap: np.ndarray, b_cap: np.ndarray, samples: int,
                      seed: int) -> dict[str, np.ndarray]:
     """Relative gains of b over a on whole histories, on capped ones, and capped - whole, per resample."""
-    idx = np.random.default_rng(seed).integers(0, a.shape[0], (samples, a.shape[0]))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        whole = b[idx].sum(1) / a[idx].sum(1) - 1.0
-        capped = b_cap[idx].sum(1) / a_cap[idx].sum(1) - 1.0
-    return {"whole": whole, "capped": capped, "difference": capped - whole}
+    draws = bootstrap_totals({"a": a, "b": b, "a_cap": a_cap, "b_cap": b_cap},
+                             {"whole": ("a", "b"), "capped": ("a_cap", "b_cap")}, samples, seed)
+    return {**draws, "difference": draws["capped"] - draws["whole"]}
 
 
 def _row(label: str, estimate: float, draws: np.ndarray) -> str:

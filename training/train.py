@@ -117,7 +117,7 @@ def train(cfg: DictConfig) -> tuple[dict, float]:
     results: dict = {}
     results.update(first_metrics(trainer.validate(lit, datamodule=dm, ckpt_path=best_path, verbose=False)))
     if cfg.get("test", True):  # + the users held out of training, evaluated as new users, when there are any
-        for split in ("test", "cold_users") if len(dm.prepare().cold_users) else ("test",):
+        for split in dm.test_splits:
             results.update(test_on(trainer, lit, dm, split, best_path))
     results = {k: float(v) for k, v in results.items() if k.startswith(("val/", "test/", "cold_users/"))}
     results["epochs"] = float(trainer.current_epoch)

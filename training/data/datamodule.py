@@ -497,6 +497,11 @@ class SeqDataModule(L.LightningDataModule):
                             "0.1) to hold users out of training and evaluate them as new users.")
         return EvalQueries(d, getattr(d, split), self.max_len, self.eval_history_cap, new_users=split == "cold_users")
 
+    @property
+    def test_splits(self) -> tuple[str, ...]:
+        """The splits a final test covers: "test", plus "cold_users" when users were held out of training."""
+        return ("test", "cold_users") if len(self.prepare().cold_users) else ("test",)
+
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.make_train_windows(), self.batch_size, True, "train")
 

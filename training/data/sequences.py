@@ -104,7 +104,7 @@ class SequenceData:
     item_ids: np.ndarray  # str [N+1], item_ids[0] = "<pad>"
     stats: dict = field(default_factory=dict)
     # held-out users' queries (PreprocessConfig.cold_user_fraction); empty without them
-    cold_users: EvalSplit = field(default_factory=lambda: _empty_split())
+    cold_users: EvalSplit = field(default_factory=_empty_split)
 
     @property
     def num_users(self) -> int:
