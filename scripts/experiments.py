@@ -89,6 +89,13 @@ SUITES: dict[str, dict[str, list[str]]] = {
         # users keep it (held_out_user_codes), so this asks whether it helps where few events are known
         "lsti_profile": ["model=lsti", "model.user_profile=true"],
     },
+    # The default long-term window (L = 200 events) against the RecBole protocol's 50, for both models;
+    "longlen": {
+        "sasrec": ["model=sasrec"],
+        "lsti": ["model=lsti"],
+        "sasrec_len200": ["model=sasrec", "data.max_len=200"],
+        "lsti_len200": ["model=lsti", "data.max_len=200"],
+    },
     "coldstart": {
         "pop": ["model=pop"],
         "sasrec (id)": ["model=sasrec"],
@@ -114,6 +121,7 @@ COLUMNS = {
                   "test/items_tail/ndcg@10"],
     "prefix": ML100K_SLICES,
     "crop": ML100K_SLICES,
+    "longlen": ["val/ndcg@10", *ML100K_SLICES],
     "coldusers": ["test/ndcg@10", "cold_users/hr@10", "cold_users/ndcg@10", "cold_users/users_len<=5/ndcg@10",
                   "cold_users/users_len6-20/ndcg@10", "cold_users/items_tail/ndcg@10"],
     "coldstart": ["test/items_unseen/hr@10", "test/items_unseen/ndcg@10", "test/items_unseen/count",

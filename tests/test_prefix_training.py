@@ -54,11 +54,20 @@ def _model(norm: str, positions: str = "absolute"):
     return cfg.build(type("Info", (), {"num_items": 60, "max_len": 8})()).eval()
 
 
+def _one_per_row(mask: torch.Tensor) -> torch.Tensor:
+    """Only each row's newest scored position (as per-prefix windows and evaluation score)."""
+    newest = mask.shape[1] - 1 - mask.flip(1).long().argmax(1)
+    return torch.zeros_like(mask).scatter_(1, newest.unsqueeze(1), True) & mask.any(1, keepdim=True)
+
+
+@pytest.mark.parametrize("few", [False, True], ids=["many_per_row", "one_per_row"])
 @pytest.mark.parametrize("norm", ["pre", "post"])
-def test_query_mask_states_equal_full_forward(data, norm):
+def test_query_mask_states_equal_full_forward(data, norm, few):
+    """Both ways the last block serves a query mask: per query (few per row) or a full block then indexed."""
     model = _model(norm)
     b = TrainWindows(data, max_len=8, stride=2)[torch.arange(30)]
     mask = b["targets"] > 0
+    mask = _one_per_row(mask) if few else mask
     full = model(b["items"], b["times"], b["users"])[mask]
     part = model(b["items"], b["times"], b["users"], query_mask=mask)
     torch.testing.assert_close(part, full, rtol=1e-5, atol=1e-5)
@@ -135,11 +144,13 @@ def _lsti(**overrides):
     {}, {"use_long": False}, {"use_short": False}, {"user_fusion": "concat"}, {"norm": "pre", "positions": "recent"},
     {"session_gap": 5e4, "short_rnn": "lstm", "user_embedding": True}, {"gate_length": True},
 ])
-def test_lsti_query_mask_states_and_gradients_equal_full_forward(data, overrides):
+@pytest.mark.parametrize("few", [False, True], ids=["many_per_row", "one_per_row"])
+def test_lsti_query_mask_states_and_gradients_equal_full_forward(data, overrides, few):
     """LSTI's cheap per-prefix path: long-term last block, short-term windows and gate only where scored."""
     model = _lsti(**overrides).double()  # float64: some gradients are ~1e-6, below float32 summation noise
     b = TrainWindows(data, max_len=8, stride=2)[torch.arange(30)]
     mask = b["targets"] > 0
+    mask = _one_per_row(mask) if few else mask
     args = (b["items"], b["times"], b["users"])
 
     def run(query_mask=None):
@@ -173,3 +184,48 @@ def test_lsti_shared_prefix_window_equals_per_prefix_samples(data):
     k2, s2 = states_by_target(TrainWindows(data, max_len=8, stride=1, share_prefix=True))
     assert torch.equal(k1, k2)
     torch.testing.assert_close(s2, s1, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("per_row, expect_query_path", [(1, True), (3, True), (4, False), (16, False)])
+def test_causal_encoder_serves_few_queries_per_row_by_query_and_many_by_a_full_block(monkeypatch, per_row,
+                                                                                  expect_query_path):
+    """Each query gathers its sequence's keys and values, so the per-query path is taken only up to
+    `query_path_limit` (L/16 per row; L=48 here: 4 rows x 3); both give the same states."""
+    from training.models.layers import CausalBlock, CausalEncoder, query_path_limit
+
+    assert query_path_limit(4, 48) == 12
+    torch.manual_seed(0)
+    enc = CausalEncoder(16, 2, 2, 32, 0.0, 0.0).eval()
+    items = torch.randint(1, 50, (4, 48))
+    x = torch.randn(4, 48, 16)
+    mask = torch.zeros(4, 48, dtype=torch.bool)
+    mask[:, -per_row:] = True
+    calls = []
+    original = CausalBlock.forward_queries
+    monkeypatch.setattr(CausalBlock, "forward_queries", lambda self, *a: calls.append(1) or original(self, *a))
+    torch.testing.assert_close(enc(x, items, mask), enc(x, items)[mask], rtol=1e-5, atol=1e-5)
+    assert bool(calls) == expect_query_path
+
+
+@pytest.mark.parametrize("name", ["sasrec", "lsti", "gru4rec"])
+def test_latest_states_equal_the_forward_at_the_newest_position(data, name):
+    """What evaluation and serving score: only the newest position, computed alone where the model can."""
+    from training.data.datamodule import EvalQueries
+    from training.models.gru4rec import GRU4RecConfig
+
+    if name == "lsti":
+        model = _lsti(user_embedding=True, gate_length=True, norm="pre", positions="recent")
+    elif name == "sasrec":
+        model = _model("post", positions="recent")
+    else:
+        torch.manual_seed(0)
+        model = GRU4RecConfig(embedding=16, hidden=16).build(type("Info", (), {"num_items": 60, "max_len": 8})()).eval()
+    q = EvalQueries(data, data.test, max_len=8, history_cap=2)  # short histories: left padding in every window
+    b = q[torch.arange(len(q))]
+    query_times = torch.cat([b["times"][:, 1:], b["target_time"].unsqueeze(1)], dim=1)
+    args = (b["items"], b["times"], b["users"])
+    with torch.no_grad():
+        full = model(*args, query_times=query_times)[:, -1]
+        latest = model.latest_states(*args, query_times=query_times)
+    assert latest.shape == (len(q), 16)
+    torch.testing.assert_close(latest, full, rtol=1e-5, atol=1e-5)

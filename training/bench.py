@@ -150,7 +150,7 @@ def run_bench(cfg: DictConfig) -> dict:
             for batch in dm.val_dataloader():
                 batch = _to(batch, device)
                 with autocast:
-                    states = lit.model(batch["items"], batch["times"], batch["users"], item_table=table)[:, -1]
+                    states = lit.model.latest_states(batch["items"], batch["times"], batch["users"], item_table=table)
                 M.full_ranking_ranks(states, table, batch["target"], chunk_size=cfg.data.eval_batch_size,
                                      item_chunk_size=bench.item_chunk_size)
                 queries += batch["target"].shape[0]

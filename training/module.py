@@ -302,8 +302,8 @@ class LitRecommender(L.LightningModule):
 
     def _eval_step(self, batch: dict) -> None:
         query_times = torch.cat([batch["times"][:, 1:], batch["target_time"].unsqueeze(1)], dim=1)
-        states = self.model(batch["items"], batch["times"], batch["users"], query_times=query_times,
-                            item_table=self._eval_table)[:, -1]
+        states = self.model.latest_states(batch["items"], batch["times"], batch["users"], query_times=query_times,
+                                          item_table=self._eval_table)
         if bool((batch["query"] < 0).all()):
             return  # a padding batch (ShardedBatchSampler): its forward pass only keeps the ranks in step
         chunk = self.eval_cfg.item_chunk_size

@@ -102,8 +102,7 @@ class _WindowEncoder:
             state.cache["vector"] = None
             return
         items, times, users = self.rec._window_tensors(state)
-        out = self.model(items, times, users, item_table=self.rec.table)
-        state.cache["vector"] = out[0, -1]
+        state.cache["vector"] = self.model.latest_states(items, times, users, item_table=self.rec.table)[0]
 
     def vector(self, state: UserState, now: int | None) -> torch.Tensor | None:
         return state.cache.get("vector")
@@ -517,10 +516,9 @@ class Recommender:
         if users is None:  # no users given: row 0 for user-embedding models, no profile for profile models
             users = torch.full((items.shape[0],), -1 if self.uses_profiles else 0, dtype=torch.int64)
         with torch.inference_mode():
-            out = self.model(items.to(self.device), times.to(self.device), users.to(self.device),
-                             query_times=None if query_times is None else query_times.to(self.device),
-                             item_table=self.table)
-        return out[:, -1]
+            return self.model.latest_states(items.to(self.device), times.to(self.device), users.to(self.device),
+                                            query_times=None if query_times is None else query_times.to(self.device),
+                                            item_table=self.table)
 
     def score(self, vectors: torch.Tensor) -> torch.Tensor:
         """Scores of every item [B, N+1] (float32; column 0 is padding)."""

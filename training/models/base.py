@@ -25,6 +25,18 @@ class SequenceRecommender(nn.Module):
     def item_table(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def latest_states(self, items: torch.Tensor, times: torch.Tensor, users: torch.Tensor,
+                      query_times: torch.Tensor | None = None,
+                      item_table: torch.Tensor | None = None) -> torch.Tensor:
+        """User states [B, D] after the newest event of left-padded windows: `forward(...)[:, -1]`, which is
+        what evaluation and serving score. Models with a query mask compute only that position (LSTI's
+        short-term encoder then runs one window per user instead of one per position)."""
+        if not self.supports_query_mask:
+            return self(items, times, users, query_times=query_times, item_table=item_table)[:, -1]
+        latest = torch.zeros_like(items, dtype=torch.bool)
+        latest[:, -1] = True
+        return self(items, times, users, query_times=query_times, item_table=item_table, query_mask=latest)
+
     def score(self, states: torch.Tensor, item_table: torch.Tensor | None = None) -> torch.Tensor:
         table = self.item_table() if item_table is None else item_table
         return states @ table.T

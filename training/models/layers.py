@@ -163,8 +163,21 @@ class CausalEncoder(nn.Module):
         for block in blocks[:-1]:
             x = block(x, mask) * keep
         rows, cols = query_mask.nonzero(as_tuple=True)
+        if rows.numel() > query_path_limit(items.shape[0], items.shape[1]):
+            return self.norm(blocks[-1](x, mask) * keep)[query_mask]
         x_q = blocks[-1].forward_queries(x, items > 0, rows, cols) * keep[rows, cols]
         return self.norm(x_q)
+
+
+def query_path_limit(batch: int, length: int) -> int:
+    """The most scored positions for which `CausalBlock.forward_queries` beats a full block.
+
+    Each query gathers its own sequence's keys and values ([Q, L, 2D]), so the per-query path pays off only with
+    a few queries per sequence: on one CPU thread it wins up to about L/16 per sequence (L=50: up to 3-6;
+    L=200: up to 12-16), and loses 3x (L=50, half the positions) to 8x (L=200) beyond. Per-prefix training and
+    evaluation score one position per sequence; padding-heavy windows score many.
+    """
+    return batch * max(1, length // 16)
 
 
 class TimeIntervalEmbedding(nn.Module):
