@@ -135,6 +135,26 @@ def test_lsti_text_mode_has_no_id_table_and_needs_text():
         LSTIConfig(use_long=False, use_short=False)
 
 
+def test_lsti_long_window_is_200_events_bounded_by_the_data_window():
+    """The issue's L: the latest 200 events by default, never more than the data window holds."""
+    from dataclasses import replace
+
+    from training.models.lsti import LSTIConfig
+
+    cfg = LSTIConfig(hidden=16, heads=2, inner=32, short_len=3)
+    assert cfg.long_len == 200
+    assert cfg.build(_lsti_info()).long_len == 8  # data.max_len = 8
+    wide = replace(_lsti_info(), max_len=300)
+    model = cfg.build(wide)
+    assert model.long_len == 200 and model.pos_emb.num_embeddings == 200
+    assert LSTIConfig(hidden=16, heads=2, inner=32, long_len=5).build(_lsti_info()).long_len == 5
+    assert LSTIConfig(hidden=16, heads=2, inner=32, long_len=None).build(wide).long_len == 300
+    items, times, users = _batch(n=300)
+    assert model(items, times, users).shape == (4, 200, 16)  # the oldest 100 events are left out
+    with pytest.raises(ValueError, match="model.long_len"):
+        LSTIConfig(long_len=0)
+
+
 def test_lsti_session_window_drops_events_before_the_gap():
     from training.models.lsti import LSTIConfig
 

@@ -9,10 +9,11 @@ text alone (its ID vector is zeroed: `id_trained` buffer); `id_dropout` zeroes a
 items' ID vectors at each training step, so the fusion learns to rank from text alone too (cold start).
 
 User representation at every position t (causal):
-- long-term: causal self-attention over up to `long_len` events with learned positions and bucketed
-  log time-interval embeddings, plus an optional user-id embedding and, with `user_profile`, the user's
-  profile text (e.g. "A 24 year old M technician.") through the language model and an adapter (or, with
-  `profile_into=user`, that profile vector is added to the fused user state instead);
+- long-term: causal self-attention over up to `long_len` events (default 200, bounded by the data window
+  `data.max_len`) with learned positions and bucketed log time-interval embeddings, plus an optional
+  user-id embedding and, with `user_profile`, the user's profile text (e.g. "A 24 year old M technician.")
+  through the language model and an adapter (or, with `profile_into=user`, that profile vector is added to
+  the fused user state instead);
 - short-term: a GRU over the last `short_len` events (or only the current session: events after the
   last gap longer than `session_gap` seconds), pooled by attention toward the latest state;
 - fusion: alpha = sigmoid(MLP([long, short, log1p(time since last event)])), user = alpha * long +
@@ -59,7 +60,7 @@ class LSTIConfig:
     id_dropout: float = 0.0  # id+text: share of items whose ID vector is zeroed at each training step
     # long-term encoder
     use_long: bool = True
-    long_len: int | None = None  # default: data.max_len
+    long_len: int | None = 200  # at most this many latest events, bounded by the data window (data.max_len); None: it
     layers: int = 2
     heads: int = 2
     inner: int = 256
@@ -119,6 +120,8 @@ class LSTIConfig:
             raise ValueError("model.use_long and model.use_short are both false: enable at least one encoder.")
         if self.short_len < 1:
             raise ValueError(f"model.short_len={self.short_len} must be >= 1.")
+        if self.long_len is not None and self.long_len < 1:
+            raise ValueError(f"model.long_len={self.long_len} must be >= 1 (or null: the data window, data.max_len).")
         if not 0.0 <= self.id_dropout < 1.0:
             raise ValueError(f"model.id_dropout={self.id_dropout} must be in [0, 1).")
         if self.id_dropout > 0 and self.fusion != "id+text":
@@ -216,7 +219,8 @@ class LSTI(SequenceRecommender):
     def __init__(self, cfg: LSTIConfig, info: DataInfo):
         super().__init__()
         self.cfg, self.num_items = cfg, info.num_items
-        self.long_len = cfg.long_len or info.max_len
+        # the data window (data.max_len) bounds what the encoder can see: 50 events on ml100k (RecBole's protocol)
+        self.long_len = min(cfg.long_len, info.max_len) if cfg.long_len else info.max_len
         d = cfg.hidden
         if cfg.fusion in ("id", "id+text"):
             self.item_emb = nn.Embedding(info.num_items + 1, d, padding_idx=0)
