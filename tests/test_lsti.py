@@ -58,7 +58,6 @@ def _gate_at_test_queries(run_dir, cfg) -> tuple[np.ndarray, np.ndarray]:
     return model.last_gate.squeeze(-1).numpy(), dm.prepare().user_ids[b["users"].numpy()].astype(str)
 
 
-@pytest.mark.slow
 def test_fused_model_beats_long_only_and_short_only_on_planted_data(tmp_path):
     """The fused model beats each encoder alone, and it does so where the planted structure says it should:
     on targets that open a new session, where its gate (which sees the time since the last event) weighs the
