@@ -14,7 +14,9 @@ tells it that a new session begins. tests/test_lsti.py runs seed 42 of the first
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import sys
 import tempfile
 from pathlib import Path
 
@@ -123,7 +125,8 @@ def main() -> None:
     print("| seed | model | NDCG@10 all | at a session start | within a session | gate at start / within |")
     print("|---|---|---|---|---|---|")
     for seed in args.seeds:
-        with tempfile.TemporaryDirectory() as tmp:
+        # the runs' own result tables go to stderr, this table to stdout
+        with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
             rows = compare(Path(tmp), [*planted_overrides(tuple(args.session_length), args.users), f"seed={seed}"])
         for name, r in rows.items():
             gate = f"{r['gate at start']:.3f} / {r['gate within']:.3f}" if "gate at start" in r else "-"
