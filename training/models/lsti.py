@@ -60,7 +60,7 @@ class LSTIConfig:
     id_dropout: float = 0.0  # id+text: share of items whose ID vector is zeroed at each training step
     # long-term encoder
     use_long: bool = True
-    long_len: int | None = 200  # at most this many latest events, bounded by the data window (data.max_len); None: it
+    long_len: int | None = 200  # the latest L events, bounded by the data window (data.max_len); None: that window
     layers: int = 2
     heads: int = 2
     inner: int = 256
