@@ -89,7 +89,7 @@ SUITES: dict[str, dict[str, list[str]]] = {
         # users keep it (held_out_user_codes), so this asks whether it helps where few events are known
         "lsti_profile": ["model=lsti", "model.user_profile=true"],
     },
-    # The default long-term window (L = 200 events) against the RecBole protocol's 50, for both models;
+    # The default long-term window (L = 200 events) against the RecBole protocol's 50, for both models.
     "longlen": {
         "sasrec": ["model=sasrec"],
         "lsti": ["model=lsti"],

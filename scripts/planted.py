@@ -20,7 +20,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import torch
 from hydra import compose, initialize_config_dir
@@ -34,7 +33,8 @@ def planted_overrides(session_length: tuple[int, int] = (2, 4), num_users: int =
     """Data and training settings of the planted comparison (small model, 12 epochs, no early stopping)."""
     lo, hi = session_length
     return [
-        "data=synthetic", "logger=none", f"data.source.synthetic.num_users={num_users}", "data.source.synthetic.num_items=300",
+        "data=synthetic", "logger=none", f"data.source.synthetic.num_users={num_users}",
+        "data.source.synthetic.num_items=300",
         "data.source.synthetic.num_groups=10", "data.source.synthetic.mean_length=40",
         f"data.source.synthetic.session_length=[{lo},{hi}]", "data.max_len=30", "data.batch_size=64",
         "trainer.max_epochs=12", "callbacks.early_stopping.patience=0", "optim.lr=0.003",
@@ -66,11 +66,12 @@ def session_starts(cfg: DictConfig) -> dict[str, bool]:
 def query_ranks(run_dir: Path) -> pd.DataFrame:
     """Per-query test ranks of a trained run (training.evaluate save_ranks=true) and each query's NDCG@10."""
     from training.evaluate import evaluate
+    from training.metrics import rank_metrics
 
     evaluate(compose_config(run_dir / "eval", [f"ckpt={run_dir / 'checkpoints' / 'best.ckpt'}", "save_ranks=true"],
                             "evaluate"))
     ranks = pd.read_csv(run_dir / "eval" / "ranks.csv", dtype={"user": str})
-    ranks["ndcg"] = np.where(ranks["rank"] < 10, 1 / np.log2(ranks["rank"] + 2), 0.0)
+    ranks["ndcg"] = rank_metrics(torch.from_numpy(ranks["rank"].to_numpy()), ks=(10,))["ndcg@10"].numpy()
     return ranks
 
 
