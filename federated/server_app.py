@@ -576,9 +576,11 @@ def run_server(grid: Grid, context: Context, cfg: DictConfig) -> dict[str, float
         results.update(model.evaluate(values, split))
     results = {k: float(v) for k, v in results.items()}
     results["rounds"] = float(fed.num_rounds)
+    from training.provenance import run_environment
     from training.report import results_table, write_json_atomic
 
     write_json_atomic(run_dir / "metrics.json", results)
+    write_json_atomic(run_dir / "environment.json", run_environment())  # what a rerun must match to reproduce it
     torch.save(model.checkpoint(values), run_dir / "global_model.ckpt")
     summary = {"num_clients": num_clients, "rounds": int(fed.num_rounds), "mode": spec["mode"],
                "strategy": str(fed.strategy.name), "secure_aggregation": bool(fed.secure_aggregation),

@@ -8,7 +8,8 @@
     python -m federated.simulate federated.resume=true hydra.run.dir=<run dir>    # continue a run
 
 Writes to the run directory: rounds.csv, clients.csv, ndcg_per_round.png, metrics.json (training's
-keys), summary.json, global_model.ckpt, server_state/ and client_state/ (for resuming).
+keys), summary.json, environment.json (`training.provenance`), global_model.ckpt, server_state/ and
+client_state/ (for resuming).
 """
 
 from __future__ import annotations

@@ -26,6 +26,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from training.provenance import environment_key
+
 ROOT = Path(__file__).resolve().parents[1]
 
 SUITES: dict[str, dict[str, list[str]]] = {
@@ -62,9 +64,11 @@ SUITES: dict[str, dict[str, list[str]]] = {
     "crop": {
         "sasrec": ["model=sasrec"],
         "lsti": ["model=lsti"],
-        "sasrec_crop": ["model=sasrec", "data.train_history_crop=0.3"],
+        "sasrec_crop": ["experiment=sasrec_crop"],
         "lsti_crop": ["model=lsti", "data.train_history_crop=0.3"],
-        "lsti_crop_len": ["model=lsti", "data.train_history_crop=0.3", "model.gate_length=true"],
+        "lsti_crop_len": ["experiment=lsti_crop"],  # the crops and the gate's length input
+        # the gate told the history length without the crops: is it the crops or the length input that helps?
+        "lsti_len": ["model=lsti", "model.gate_length=true"],
         # + the user's profile text (age, gender, occupation) through the language model: what is known of a user
         # besides the events, so it should matter most where there are few events
         "lsti_crop_len_profile": ["model=lsti", "data.train_history_crop=0.3", "model.gate_length=true",
@@ -83,8 +87,8 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "pop": ["model=pop"],
         "sasrec": ["model=sasrec"],
         "lsti": ["model=lsti"],
-        "sasrec_crop": ["model=sasrec", "data.train_history_crop=0.3"],
-        "lsti_crop_len": ["model=lsti", "data.train_history_crop=0.3", "model.gate_length=true"],
+        "sasrec_crop": ["experiment=sasrec_crop"],
+        "lsti_crop_len": ["experiment=lsti_crop"],
         # + the profile a new user gives at sign-up (age, gender, occupation through the language model); held-out
         # users keep it (held_out_user_codes), so this asks whether it helps where few events are known
         "lsti_profile": ["model=lsti", "model.user_profile=true"],
@@ -141,7 +145,7 @@ def run_one(name: str, overrides: list[str], seed: int, out: Path, extra: list[s
     run_dir = config_dir(out, name) / f"seed{seed}"
     metrics = run_dir / "metrics.json"
     if metrics.exists():
-        return json.loads(metrics.read_text())
+        return {**json.loads(metrics.read_text()), "environment": run_environment_key(run_dir)}
     if report_only:
         return None
     extra = [*extra, *(SEED_EXTRA[suite](seed) if suite in SEED_EXTRA else [])]
@@ -162,7 +166,23 @@ def run_one(name: str, overrides: list[str], seed: int, out: Path, extra: list[s
     result["wall_s"] = time.time() - t0
     metrics.write_text(json.dumps(result, indent=2, sort_keys=True))
     print(f"  test/ndcg@10={result.get('test/ndcg@10', float('nan')):.4f} in {result['wall_s']:.0f}s", flush=True)
-    return result
+    return {**result, "environment": run_environment_key(run_dir)}
+
+
+def run_environment_key(run_dir: Path) -> str:
+    """What the run was made with (`training.provenance.environment_key`): the same seed and config reproduce
+    bit for bit only on the same code, torch and kernels."""
+    path = run_dir / "environment.json"
+    return environment_key(json.loads(path.read_text())) if path.exists() else "not recorded"
+
+
+def environment_note(results: dict[str, list[dict]]) -> str:
+    """One line naming the environments the tabulated runs were made on, with how many runs each."""
+    counts: dict[str, int] = {}
+    for runs in results.values():
+        for r in runs:
+            counts[r.get("environment", "not recorded")] = counts.get(r.get("environment", "not recorded"), 0) + 1
+    return "Runs made with: " + "; ".join(f"{key} ({n} runs)" for key, n in counts.items()) + "."
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -201,7 +221,7 @@ def table(suite: str, results: dict[str, list[dict]], seeds: list[int], extra: l
     cmd = f"python scripts/experiments.py {suite} --seeds {' '.join(map(str, seeds))}"
     if extra:
         cmd += " --extra " + " ".join(extra)
-    return "\n".join([f"Command: `{cmd}` (mean ± sample std over seeds).", "", *lines])
+    return "\n".join([f"Command: `{cmd}` (mean ± sample std over seeds).", environment_note(results), "", *lines])
 
 
 def write_section(suite: str, text: str, doc: Path) -> None:

@@ -46,3 +46,19 @@ def test_lsti_prefix_uses_sasrec_prefix_recipe_for_the_model_and_its_ablations(m
         assert lsti[group] == sasrec[group], group
     for key in ("norm", "positions", "ff_dropout", "hidden", "layers", "heads", "inner", "dropout", "attn_dropout"):
         assert lsti.model[key] == sasrec.model[key], key
+
+
+def test_lsti_crop_and_sasrec_crop_share_the_data_recipe():
+    """The short-history recipe: both models see the same cut windows; only LSTI's gate is told the length."""
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        lsti = compose(config_name="train", overrides=["experiment=lsti_crop"])
+        sasrec = compose(config_name="train", overrides=["experiment=sasrec_crop"])
+        default = compose(config_name="train", overrides=["model=lsti"])
+    assert lsti.model._target_.endswith("LSTIConfig") and sasrec.model._target_.endswith("SASRecConfig")
+    assert lsti.data.train_history_crop == sasrec.data.train_history_crop == 0.3
+    assert lsti.model.gate_length and not default.model.gate_length
+    for group in ("data", "optim", "trainer", "callbacks", "loss", "evaluation"):
+        assert lsti[group] == sasrec[group], group
+    # everything else is the default recipe
+    assert {k: v for k, v in lsti.data.items() if k != "train_history_crop"} == \
+        {k: v for k, v in default.data.items() if k != "train_history_crop"}

@@ -34,6 +34,21 @@ def test_table_cells():
     assert "0.0500 |" in row_a and "±" not in row_a  # one run: no spread
     assert "0.0500 ± 0.0141" in row_b  # sample std of .04 and .06
     assert "| - |" in row_a  # slices without values (e.g. no user with <= 5 items)
+    assert "Runs made with: not recorded (3 runs)." in text
+
+
+def test_table_names_the_environments_its_runs_were_made_with(tmp_path):
+    ex = _load()
+    env = {"git": {"commit": "b" * 40, "dirty": False}, "packages": {"torch": "2.13.0"},
+           "hardware": {"torch_cpu_capability": "AVX2", "cuda_devices": []}}
+    for seed in (1, 2):
+        run = tmp_path / "sasrec" / f"seed{seed}"
+        run.mkdir(parents=True)
+        (run / "metrics.json").write_text(json.dumps({"test/ndcg@10": 0.05, "epochs": 12}))
+    (tmp_path / "sasrec" / "seed1" / "environment.json").write_text(json.dumps(env))
+    _, results = ex.finished("ablations", tmp_path, [1, 2])
+    text = ex.table("ablations", results, [1, 2], [])
+    assert "Runs made with: bbbbbbb, torch 2.13.0, AVX2, cpu (1 runs); not recorded (1 runs)." in text
 
 
 def test_every_suite_configuration_composes():

@@ -259,6 +259,7 @@ def test_rounds_with_failure_dp_and_resume(tmp_path):
     assert eps[1] > eps[0] > 0
     assert {"test/ndcg@10", "test/hr@10", "val/ndcg@10"} <= set(results)
     assert json.loads((tmp_path / "metrics.json").read_text())["test/ndcg@10"] == pytest.approx(results["test/ndcg@10"])
+    assert json.loads((tmp_path / "environment.json").read_text())["packages"]["flwr"]
     assert (tmp_path / "ndcg_per_round.png").stat().st_size > 0
     # no reply of any client ever carried a private parameter
     for reply in grid.replies:

@@ -17,6 +17,8 @@ def test_training_smoke_writes_metrics(tmp_path, model):
     assert 0.0 <= saved["test/ndcg@10"] <= saved["test/hr@10"] <= 1.0
     assert value == saved["val/ndcg@10"]
     assert "| all |" in (tmp_path / "results.md").read_text()
+    env = json.loads((tmp_path / "environment.json").read_text())  # what a rerun must match to reproduce it
+    assert env["packages"]["torch"] and env["hardware"]["torch_cpu_capability"] and env["seed"] == 42
     if model != "pop":
         assert (tmp_path / "checkpoints" / "best.ckpt").exists()
 

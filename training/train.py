@@ -1,8 +1,10 @@
-"""Train a sequential recommender, test it at the best validation checkpoint, write metrics.json.
+"""Train a sequential recommender, test it at the best validation checkpoint, write metrics.json (and
+environment.json: code, packages and hardware the run was made with, `training.provenance`).
 
     python -m training.train                               # SASRec on MovieLens-100k
     python -m training.train model=gru4rec trainer.max_epochs=50
-    python -m training.train experiment=ml100k_lsti        # the full long/short-term model
+    python -m training.train model=lsti                    # the full long/short-term model
+    python -m training.train experiment=lsti_crop          # ... trained on short histories too
     python -m training.train -m model=sasrec,gru4rec        # a multirun
     python -m training.train hparams_search=sasrec_optuna  # an Optuna sweep (docs/sweeps.md)
 
@@ -24,6 +26,7 @@ from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, Mode
 from omegaconf import DictConfig, OmegaConf
 
 from training.module import LitRecommender, compile_model
+from training.provenance import run_environment
 from training.report import results_table, write_json_atomic
 from training.resume import resolve_ckpt_path, resume_callbacks
 from training.strategies import build_strategy, default_precision, precision_for_strategy
@@ -103,6 +106,8 @@ def train(cfg: DictConfig) -> tuple[dict, float]:
     # exact resume: RNG states + optional step checkpoints (the data position is in SeqDataModule.state_dict)
     callbacks += resume_callbacks(str(output_dir / "checkpoints"), cfg.callbacks.checkpoint.get("every_n_train_steps"))
     trainer = build_trainer(cfg, output_dir, callbacks)
+    if trainer.is_global_zero:  # what the run was made with: the same seed reproduces only on the same
+        write_json_atomic(output_dir / "environment.json", {**run_environment(), "seed": cfg.seed})  # kernels
     if compile_model(lit.model, cfg.get("compile"), trainer.strategy):
         log.info("model compiled (torch.compile, backend %s)", cfg.compile.get("backend"))
 
