@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -178,10 +179,7 @@ def run_environment_key(run_dir: Path) -> str:
 
 def environment_note(results: dict[str, list[dict]]) -> str:
     """One line naming the environments the tabulated runs were made on, with how many runs each."""
-    counts: dict[str, int] = {}
-    for runs in results.values():
-        for r in runs:
-            counts[r.get("environment", "not recorded")] = counts.get(r.get("environment", "not recorded"), 0) + 1
+    counts = Counter(r.get("environment", "not recorded") for runs in results.values() for r in runs)
     return "Runs made with: " + "; ".join(f"{key} ({n} runs)" for key, n in counts.items()) + "."
 
 

@@ -40,7 +40,7 @@ def test_table_cells():
 def test_table_names_the_environments_its_runs_were_made_with(tmp_path):
     ex = _load()
     env = {"git": {"commit": "b" * 40, "dirty": False}, "packages": {"torch": "2.13.0"},
-           "hardware": {"torch_cpu_capability": "AVX2", "cuda_devices": []}}
+           "hardware": {"torch_cpu_capability": "AVX2", "torch_threads": 1, "cuda_devices": []}}
     for seed in (1, 2):
         run = tmp_path / "sasrec" / f"seed{seed}"
         run.mkdir(parents=True)
@@ -48,7 +48,7 @@ def test_table_names_the_environments_its_runs_were_made_with(tmp_path):
     (tmp_path / "sasrec" / "seed1" / "environment.json").write_text(json.dumps(env))
     _, results = ex.finished("ablations", tmp_path, [1, 2])
     text = ex.table("ablations", results, [1, 2], [])
-    assert "Runs made with: bbbbbbb, torch 2.13.0, AVX2, cpu (1 runs); not recorded (1 runs)." in text
+    assert "Runs made with: bbbbbbb, torch 2.13.0, AVX2 x1, cpu (1 runs); not recorded (1 runs)." in text
 
 
 def test_every_suite_configuration_composes():

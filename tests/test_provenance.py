@@ -17,15 +17,15 @@ def test_missing_package_and_missing_git_are_none(tmp_path):
     assert git_state(tmp_path) == {"commit": None, "dirty": None}
 
 
-def test_environment_key_differs_exactly_where_runs_may_differ():
+def test_environment_key_separates_what_moves_a_seeded_run():
     base = {"git": {"commit": "a" * 40, "dirty": False}, "packages": {"torch": "2.13.0"},
-            "hardware": {"torch_cpu_capability": "AVX2", "cuda_devices": []}, "host": "node1"}
-    assert environment_key(base) == "aaaaaaa, torch 2.13.0, AVX2, cpu"
+            "hardware": {"torch_cpu_capability": "AVX2", "torch_threads": 1, "cuda_devices": []}, "host": "node1"}
+    assert environment_key(base) == "aaaaaaa, torch 2.13.0, AVX2 x1, cpu"
     assert environment_key({**base, "host": "node2"}) == environment_key(base)  # same kind of machine
-    assert environment_key({**base, "hardware": {"torch_cpu_capability": "DEFAULT", "cuda_devices": []}}) \
-        != environment_key(base)
+    for other in ({"torch_cpu_capability": "DEFAULT", "torch_threads": 1}, {"torch_cpu_capability": "AVX2", "torch_threads": 2}):
+        assert environment_key({**base, "hardware": {**other, "cuda_devices": []}}) != environment_key(base)
     dirty = environment_key({**base, "git": {"commit": "a" * 40, "dirty": True}})
     assert dirty.startswith("aaaaaaa+dirty")
     gpus = {**base, "hardware": {"torch_cpu_capability": "AVX2", "cuda_devices": ["NVIDIA H100", "NVIDIA H100"]}}
     assert environment_key(gpus).endswith("NVIDIA H100")
-    assert environment_key({}) == "no-git, torch None, None, cpu"
+    assert environment_key({}) == "no-git, torch None, None xNone, cpu"

@@ -90,11 +90,11 @@ def run_environment() -> dict:
 
 
 def environment_key(env: dict) -> str:
-    """A short label that differs exactly when runs may differ for reasons other than the seed and config:
-    code commit, torch version, CPU kernel set, GPU kind."""
+    """A short label for grouping runs by what moves a seeded run besides its config: the code commit (and
+    uncommitted changes), the torch version, the CPU kernel set and thread count, the GPU kind."""
     git = env.get("git") or {}
     commit = (git.get("commit") or "no-git")[:7] + ("+dirty" if git.get("dirty") else "")
     hw = env.get("hardware") or {}
     gpus = ",".join(sorted(set(hw.get("cuda_devices") or []))) or "cpu"
     return (f"{commit}, torch {(env.get('packages') or {}).get('torch')}, "
-            f"{hw.get('torch_cpu_capability')}, {gpus}")
+            f"{hw.get('torch_cpu_capability')} x{hw.get('torch_threads')}, {gpus}")
