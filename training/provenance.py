@@ -1,10 +1,10 @@
 """What a run was made with: code version, packages, hardware and the float kernels torch picked.
 
-A run is bit-reproducible only on the same code, packages and kind of processor: torch picks its CPU kernels by
-instruction set (AVX vs AVX2 vs AVX-512) and its GPU kernels by device, and a different kernel rounds
-differently, so the same seed follows another trajectory there and ends a seed's noise away (docs/results.md,
-"Reproducibility"). `training.train` writes this record as `environment.json` next to `metrics.json`, so two
-runs that disagree can be told apart by what they ran on.
+A seeded run repeats bit for bit on the same code, packages and machine; elsewhere it may not: torch picks its
+CPU kernels by instruction set (AVX vs AVX2 vs AVX-512) and thread count and its GPU kernels by device, and a
+kernel that sums in another order rounds differently, which can send the same seed along another trajectory
+that ends a seed's noise away (docs/results.md, "Reproducibility"). `training.train` writes this record as
+`environment.json` next to `metrics.json`, so two runs that disagree can be told apart by what they ran on.
 """
 
 from __future__ import annotations
