@@ -70,6 +70,10 @@ SUITES: dict[str, dict[str, list[str]]] = {
         "lsti_crop_len": ["experiment=lsti_crop"],  # the crops and the gate's length input
         # the gate told the history length without the crops: is it the crops or the length input that helps?
         "lsti_len": ["model=lsti", "model.gate_length=true"],
+        # twice the share of cut windows, for both models: session 13 found the crops (not the length input) lift
+        # LSTI on short histories, so do more crops lift its short-history gain above its overall gain?
+        "sasrec_crop60": ["experiment=sasrec_crop", "data.train_history_crop=0.6"],
+        "lsti_crop60_len": ["experiment=lsti_crop", "data.train_history_crop=0.6"],
         # + the user's profile text (age, gender, occupation) through the language model: what is known of a user
         # besides the events, so it should matter most where there are few events
         "lsti_crop_len_profile": ["model=lsti", "data.train_history_crop=0.3", "model.gate_length=true",

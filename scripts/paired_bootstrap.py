@@ -4,6 +4,7 @@
     python scripts/paired_bootstrap.py A_dir B_dir --max-history 20 --seeds 1 2 3 --section paired_crop
     python scripts/paired_bootstrap.py A_dir B_dir --history-cap 1 3 10   # capped histories vs whole ones
     python scripts/paired_bootstrap.py A_dir B_dir --slice tail           # users whose target is a tail item
+    python scripts/paired_bootstrap.py A_dir B_dir --shortest-share 0.2   # the fifth of users with the shortest histories
     python scripts/paired_bootstrap.py A_dir B_dir --slice cold_users     # held-out users with <= 5 known events
 
 A_dir / B_dir hold one run per seed (`seed<s>/checkpoints/best.ckpt`, as `scripts/experiments.py` writes). Each
@@ -154,6 +155,13 @@ def cold_user_rows(args: argparse.Namespace) -> tuple[list[str], str]:
     return rows, what
 
 
+def shortest_bound(history: np.ndarray, share: float) -> int:
+    """The history length that bounds the `share` of users with the shortest histories: the length of the
+    ceil(share * n)-th shortest. Users tied at that length are all in the slice, so it can hold a little more."""
+    ordered = np.sort(np.asarray(history))
+    return int(ordered[max(1, int(np.ceil(share * len(ordered)))) - 1])
+
+
 def bootstrap(a: np.ndarray, b: np.ndarray, in_slice: np.ndarray, samples: int, seed: int) -> dict[str, np.ndarray]:
     """Relative gains of b over a (overall, slice, slice - overall) per resample of users."""
     w = in_slice.astype(np.float64)
@@ -192,6 +200,10 @@ def main() -> None:
                          "users held out of training (data.preprocess.cold_user_fraction) with few known events")
     ap.add_argument("--max-history", type=int, default=None,
                     help="at most this many known events (default 20 for --slice short, 5 for --slice cold_users)")
+    ap.add_argument("--shortest-share", type=float, default=None,
+                    help="--slice short: instead of --max-history, the share of users with the shortest histories "
+                         "(0.2: the shortest fifth, as the tail slice is the 80%% least popular items); users tied "
+                         "at the boundary length are all in")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="only these seeds (default: every finished)")
     ap.add_argument("--history-cap", type=int, nargs="+", default=None,
                     help="also compare the gain with histories capped at these numbers of events")
@@ -200,7 +212,13 @@ def main() -> None:
     ap.add_argument("--section", default=None, help="also write the result into docs/results.md under this name")
     ap.add_argument("--doc", type=Path, default=ROOT / "docs" / "results.md")
     args = ap.parse_args()
-    if args.max_history is None:
+    if args.shortest_share is not None:
+        if args.slice != "short" or args.max_history is not None:
+            raise SystemExit("--shortest-share picks the short slice's history bound itself: use it with --slice short "
+                             "and without --max-history.")
+        if not 0.0 < args.shortest_share < 1.0:
+            raise SystemExit(f"--shortest-share {args.shortest_share}: give a share of users between 0 and 1 (e.g. 0.2).")
+    if args.max_history is None and args.shortest_share is None:
         args.max_history = 5 if args.slice == "cold_users" else 20
     if args.slice == "cold_users":
         if args.history_cap:
@@ -216,12 +234,15 @@ def main() -> None:
         raise SystemExit(f"{args.base} and {args.model} were evaluated on different users ({len(a)} vs {len(b)}): "
                          "compare runs on the same data.")
     a, b = a.loc[users], b.loc[users]
+    if args.shortest_share is not None:
+        args.max_history = shortest_bound(a["history"].to_numpy(), args.shortest_share)
     if args.slice == "tail":
         in_slice = ~a["head_item"].astype(bool).to_numpy()
         slice_label = f"{int(in_slice.sum())} users whose target is a tail item"
     else:
         in_slice = (a["history"] <= args.max_history).to_numpy()
-        slice_label = f"{int(in_slice.sum())} users with <= {args.max_history} events"
+        slice_label = f"{int(in_slice.sum())} users with <= {args.max_history} events" + (
+            f" (the shortest {100 * args.shortest_share:g}% of histories)" if args.shortest_share is not None else "")
     if not in_slice.any():
         raise SystemExit(f"the slice --slice {args.slice} is empty" + (
             f" (no user has at most {args.max_history} known events: raise --max-history)."
@@ -242,7 +263,8 @@ def main() -> None:
         rows += [_row(f"all {len(users)} users, latest {cap} event(s) only", capped_gain, draws["capped"]),
                  _row(f"gain with {cap} event(s) - gain with whole histories", capped_gain - est["overall"],
                       draws["difference"])]
-    what = f"--max-history {args.max_history}" if args.slice == "short" else "--slice tail"
+    what = ("--slice tail" if args.slice == "tail" else f"--shortest-share {args.shortest_share:g}"
+            if args.shortest_share is not None else f"--max-history {args.max_history}")
     cmd = (f"python scripts/paired_bootstrap.py {_shown(args.base)} {_shown(args.model)} {what}" + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds else "")
            + (f" --history-cap {' '.join(map(str, args.history_cap))}" if args.history_cap else ""))
     report(args, cmd, f"test NDCG@10 of `{args.model.name}` over `{args.base.name}`; per-user NDCG@10 averaged over "

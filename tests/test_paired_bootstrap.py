@@ -46,6 +46,13 @@ def test_bootstrap_separates_a_slice_gain_from_an_overall_gain():
     assert np.array_equal(more["overall"], again["overall"])  # fixed seed: the same resamples
 
 
+def test_shortest_bound_takes_the_length_at_the_share_and_keeps_ties():
+    pb = _script()
+    assert pb.shortest_bound(np.array([30, 5, 8, 8, 8, 40, 9, 12, 50, 60]), 0.2) == 8  # 2nd shortest; 3 users tied
+    assert pb.shortest_bound(np.array([7]), 0.01) == 7
+    assert pb.shortest_bound(np.arange(1, 101), 0.25) == 25
+
+
 def test_script_pairs_users_over_seeds_and_writes_its_section(tmp_path, monkeypatch, capsys):
     pb = _script()
     users = [f"u{i}" for i in range(40)]
@@ -76,6 +83,17 @@ def test_script_pairs_users_over_seeds_and_writes_its_section(tmp_path, monkeypa
                                       "--samples", "200", "--slice", "tail"])
     pb.main()
     assert f"| 20 users whose target is a tail item | {100 * overall:+.1f}% |" in capsys.readouterr().out
+    # the shortest 40% of the 40 users: the 16th shortest history has 20 events, so the slice is u0..u15 again
+    monkeypatch.setattr(sys, "argv", ["paired_bootstrap.py", str(tmp_path / "base"), str(tmp_path / "model"),
+                                      "--samples", "200", "--shortest-share", "0.4"])
+    pb.main()
+    out = capsys.readouterr().out
+    assert f"| 16 users with <= 20 events (the shortest 40% of histories) | {100 * gain:+.1f}% |" in out
+    assert "--shortest-share 0.4`" in out
+    for bad in (["--shortest-share", "1.5"], ["--shortest-share", "0.2", "--max-history", "20"]):
+        monkeypatch.setattr(sys, "argv", ["paired_bootstrap.py", str(tmp_path / "base"), str(tmp_path / "model"), *bad])
+        with pytest.raises(SystemExit, match="shortest-share"):
+            pb.main()
     monkeypatch.setattr(sys, "argv", ["paired_bootstrap.py", str(tmp_path / "base"), str(tmp_path / "none")])
     with pytest.raises(SystemExit, match="no finished run"):
         pb.main()
