@@ -4,6 +4,7 @@
     python scripts/planted.py --seeds 42 1 2 --session-length 3 8   # the generator's default sessions
     python scripts/planted.py --seeds 42 --no-elapsed               # negative control: the gate gets no time input
     python scripts/planted.py --seeds 42 1 --decompose              # what each of the fused model's encoders ranks
+    python scripts/planted.py --seeds 42 1 --extra model.long_query_time=true   # overrides for the fused model
 
 Trains lsti, lsti_long_only and lsti_short_only on synthetic data whose ground truth is known
 (training/data/synthetic.py) and prints test NDCG@10 overall, on targets that open a new session and on those
@@ -148,7 +149,8 @@ def encoder_readout(run_dir: Path, cfg: DictConfig, truth: pd.DataFrame, item_gr
     with torch.no_grad():
         table = model.item_table()
         x = F.embedding(items, table)
-        long = model._long(x, items, times, b["users"], latest, rows)
+        query_times = torch.cat([times[:, 1:], b["target_time"].unsqueeze(1)], dim=1)
+        long = model._long(x, items, times, b["users"], latest, rows, query_times)
         short = model._short(x, items, times, (rows, cols))
         elapsed = model.elapsed_feature(b["target_time"] - times[:, -1], x.dtype)
         known = (items > 0).sum(1) if model.cfg.gate_length else None
@@ -198,13 +200,14 @@ def decompose(out: Path, overrides: list[str]) -> pd.DataFrame:
     return r
 
 
-def compare(out: Path, overrides: list[str]) -> dict[str, dict[str, float]]:
-    """Train the three models; NDCG@10 overall / at a session start / within a session (+ the fused gate)."""
+def compare(out: Path, overrides: list[str], fused_extra: list[str] = ()) -> dict[str, dict[str, float]]:
+    """Train the three models; NDCG@10 overall / at a session start / within a session (+ the fused gate).
+    `fused_extra`: overrides for the fused model only."""
     from training.train import train
 
     rows, opens = {}, None
     for name in MODELS:
-        cfg = compose_config(out / name, [f"model={name}", *overrides])
+        cfg = compose_config(out / name, [f"model={name}", *overrides, *(fused_extra if name == "lsti" else [])])
         results, _ = train(cfg)
         opens = session_starts(cfg) if opens is None else opens
         ranks = query_ranks(out / name)
@@ -224,6 +227,8 @@ def main() -> None:
     ap.add_argument("--session-length", type=int, nargs=2, default=[2, 4], metavar=("MIN", "MAX"))
     ap.add_argument("--users", type=int, default=2000)
     ap.add_argument("--no-elapsed", action="store_true", help="zero the gate's time-since-last-event input")
+    ap.add_argument("--extra", nargs="*", default=[],
+                    help="overrides for the fused model (lsti) only; the single-encoder models stay as they are")
     ap.add_argument("--decompose", action="store_true",
                     help="train the fused model only and read out its long- and short-term states per kind of target")
     args = ap.parse_args()
@@ -239,7 +244,8 @@ def main() -> None:
         kinds = ("within", "favourite", "drift kept", "drift fresh")
         for seed in args.seeds:
             with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
-                r = decompose(Path(tmp), [*planted_overrides(tuple(args.session_length), args.users), f"seed={seed}"])
+                r = decompose(Path(tmp), [*planted_overrides(tuple(args.session_length), args.users), f"seed={seed}",
+                                          *args.extra])
             for kind in kinds:
                 k = r[r["kind"] == kind]
                 cells = [" / ".join(f"{k[f'{m}_{s}'].mean():.3f}" for s in ("fused", "long", "short"))
@@ -252,7 +258,8 @@ def main() -> None:
     for seed in args.seeds:
         # the runs' own result tables go to stderr, this table to stdout
         with tempfile.TemporaryDirectory() as tmp, contextlib.redirect_stdout(sys.stderr):
-            rows = compare(Path(tmp), [*planted_overrides(tuple(args.session_length), args.users), f"seed={seed}"])
+            rows = compare(Path(tmp), [*planted_overrides(tuple(args.session_length), args.users), f"seed={seed}"],
+                           fused_extra=args.extra)
         for name, r in rows.items():
             gate = f"{r['gate at start']:.3f} / {r['gate within']:.3f}" if "gate at start" in r else "-"
             print(f"| {seed} | {name} | {r['all']:.4f} | {r['session start']:.4f} | {r['within session']:.4f} | "

@@ -105,6 +105,7 @@ def _lsti_info():
     {}, {"fusion": "id"}, {"fusion": "text", "adapter": "mlp"}, {"combine": "sum"}, {"use_short": False},
     {"use_long": False}, {"user_fusion": "concat"}, {"session_gap": 50.0, "short_rnn": "lstm"},
     {"user_embedding": True, "use_time": False}, {"norm": "post"}, {"norm": "post", "ff_dropout": "output"},
+    {"long_query_time": True},
 ])
 def test_lsti_variants_are_causal(overrides):
     from training.models.lsti import LSTIConfig
@@ -122,6 +123,28 @@ def test_lsti_variants_are_causal(overrides):
     assert torch.allclose(states[:, :-1], states2[:, :-1], atol=1e-5)
     table = model.item_table()
     assert table.shape == (31, 16) and torch.all(table[0] == 0)
+
+
+def test_long_query_time_reaches_the_long_term_state_and_only_later_positions():
+    """`long_query_time`: the time until the prediction is requested feeds the long-term encoder (not only the
+    gate), and a position's query time never reaches earlier positions."""
+    from training.models.lsti import LSTIConfig
+
+    torch.manual_seed(0)
+    model = LSTIConfig(hidden=16, heads=2, inner=32, use_short=False, long_query_time=True).build(_lsti_info()).eval()
+    items, times, users = _batch()
+    qt = times + 5
+    later = qt.clone()
+    later[:, -1] += 86400  # a day passes before the newest prediction is requested
+    with torch.no_grad():
+        states, states_later = model(items, times, users, query_times=qt), model(items, times, users, query_times=later)
+    assert torch.allclose(states[:, :-1], states_later[:, :-1], atol=1e-6)
+    assert (states[:, -1] - states_later[:, -1]).abs().amax() > 1e-3
+    plain = LSTIConfig(hidden=16, heads=2, inner=32, use_short=False).build(_lsti_info()).eval()
+    with torch.no_grad():  # without the option a long-only model ignores the query time
+        assert torch.equal(plain(items, times, users, query_times=qt), plain(items, times, users, query_times=later))
+    with pytest.raises(ValueError, match="long_query_time"):
+        LSTIConfig(use_long=False, long_query_time=True)
 
 
 def test_lsti_text_mode_has_no_id_table_and_needs_text():

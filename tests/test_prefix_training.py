@@ -210,14 +210,15 @@ def test_causal_encoder_serves_few_queries_per_row_by_query_and_many_by_a_full_b
     assert bool(calls) == expect_query_path
 
 
-@pytest.mark.parametrize("name", ["sasrec", "lsti", "gru4rec"])
+@pytest.mark.parametrize("name", ["sasrec", "lsti", "lsti_long_query_time", "gru4rec"])
 def test_latest_states_equal_the_forward_at_the_newest_position(data, name):
     """What evaluation and serving score: only the newest position, computed alone where the model can."""
     from training.data.datamodule import EvalQueries
     from training.models.gru4rec import GRU4RecConfig
 
-    if name == "lsti":
-        model = _lsti(user_embedding=True, gate_length=True, norm="pre", positions="recent")
+    if name.startswith("lsti"):
+        model = _lsti(user_embedding=True, gate_length=True, norm="pre", positions="recent",
+                      long_query_time=name == "lsti_long_query_time")
     elif name == "sasrec":
         model = _model("post", positions="recent")
     else:

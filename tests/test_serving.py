@@ -38,6 +38,8 @@ MODELS = {
     "lsti_concat_long_short": LSTIConfig(hidden=16, inner=32, short_len=12, fusion="id", user_fusion="concat"),
     "lsti_short_only": LSTIConfig(hidden=16, short_len=5, fusion="text", use_long=False),
     "lsti_gate_length": LSTIConfig(hidden=16, inner=32, short_len=3, gate_length=True),  # gate sees events known
+    # the long-term encoder sees the request time too (encoded per request, not per event)
+    "lsti_long_query_time": LSTIConfig(hidden=16, inner=32, short_len=3, long_query_time=True),
     # experiment=lsti_prefix's model: post-LN, positions counted from the oldest event in the window
     "lsti_prefix": LSTIConfig(hidden=16, inner=32, short_len=3, norm="post", positions="absolute",
                               ff_dropout="output"),
@@ -97,8 +99,9 @@ def test_incremental_update_equals_full_reencoding(name):
     assert state.num_events == len(items) and len(state.items) == W
 
 
-def test_request_time_feeds_the_lsti_gate():
-    rec = _recommender("lsti")
+@pytest.mark.parametrize("name", ["lsti", "lsti_long_query_time"])
+def test_request_time_feeds_the_lsti_gate(name):
+    rec = _recommender(name)
     items, times = _history(12)
     state = rec.start([IDS[i] for i in items], times=times)
     now = times[-1] + 3 * 86400

@@ -172,12 +172,15 @@ class _LSTIEncoder:
         self.lstm = self.cfg.short_rnn == "lstm"
 
     # -------------------------------------------------------------- long
-    def _long(self, state: UserState) -> torch.Tensor | None:
+    def _long(self, state: UserState, now: int | None = None) -> torch.Tensor | None:
         if not self.cfg.use_long or not state.items:
             return None
         items, times, users = self.rec._window_tensors(state)
         x = F.embedding(items, self.rec.table)
-        return self.model._long(x, items, times, users)[0, -1]
+        query_times = None
+        if self.cfg.long_query_time:  # the request time feeds the newest position: encoded per request
+            query_times = torch.cat([times[:, 1:], times[:, -1:] if now is None else times.new_tensor([[now]])], 1)
+        return self.model._long(x, items, times, users, query_times=query_times)[0, -1]
 
     # -------------------------------------------------------------- short
     def _short_reset(self, state: UserState) -> None:
@@ -235,17 +238,18 @@ class _LSTIEncoder:
     def reset(self, state: UserState) -> None:
         if self.cfg.use_short:
             self._short_reset(state)
-        state.cache["long"] = self._long(state)
+        state.cache["long"] = None if self.cfg.long_query_time else self._long(state)
 
     def step(self, state: UserState, item: int, time: int) -> None:
         if self.cfg.use_short:
             self._short_step(state, item)
-        state.cache["long"] = self._long(state)
+        state.cache["long"] = None if self.cfg.long_query_time else self._long(state)
 
     def vector(self, state: UserState, now: int | None) -> torch.Tensor | None:
         if not state.items:
             return None
-        long, short = state.cache.get("long"), self._short_vector(state)
+        long = self._long(state, now) if self.cfg.long_query_time else state.cache.get("long")
+        short = self._short_vector(state)
         elapsed = known = None
         if long is not None and short is not None and self.cfg.user_fusion == "gate":
             gap = 0 if now is None else now - state.times[-1]

@@ -10,7 +10,8 @@ items' ID vectors at each training step, so the fusion learns to rank from text 
 
 User representation at every position t (causal):
 - long-term: causal self-attention over up to `long_len` events (default 200, bounded by the data window
-  `data.max_len`) with learned positions and bucketed log time-interval embeddings, plus an optional
+  `data.max_len`) with learned positions and bucketed log time-interval embeddings (with `long_query_time`, also
+  the time until each prediction is requested, which otherwise only the gate sees), plus an optional
   user-id embedding and, with `user_profile`, the user's profile text (e.g. "A 24 year old M technician.")
   through the language model and an adapter (or, with `profile_into=user`, that profile vector is added to
   the fused user state instead);
@@ -71,6 +72,10 @@ class LSTIConfig:
     ff_dropout: str = "inner"      # inner | output (as SASRecConfig.ff_dropout)
     time_buckets: int = 32
     use_time: bool = True
+    # each position's input also gets the (bucketed log) time until the prediction after it is requested, so the
+    # long-term attention can look for other events when a session opens (docs/results.md, "What each encoder
+    # learned"); off: only the gate sees that time
+    long_query_time: bool = False
     user_embedding: bool = False
     # the users' profile texts (e.g. age, gender, occupation) through the language model and an adapter: what a
     # model can know about a user with few events (DataInfo.user_text)
@@ -116,6 +121,9 @@ class LSTIConfig:
         if self.user_profile and self.profile_into == "long" and not self.use_long:
             raise ValueError("model.user_profile=true with model.profile_into=long adds the profile to the long-term "
                              "state, but model.use_long=false: set profile_into=user or enable the long-term encoder.")
+        if self.long_query_time and not self.use_long:
+            raise ValueError("model.long_query_time=true feeds the long-term encoder, but model.use_long=false: "
+                             "enable the long-term encoder or drop long_query_time.")
         if not (self.use_long or self.use_short):
             raise ValueError("model.use_long and model.use_short are both false: enable at least one encoder.")
         if self.short_len < 1:
@@ -248,6 +256,7 @@ class LSTI(SequenceRecommender):
         if cfg.use_long:
             self.pos_emb = nn.Embedding(self.long_len, d)
             self.time_emb = TimeIntervalEmbedding(d, cfg.time_buckets) if cfg.use_time else None
+            self.query_time_emb = TimeIntervalEmbedding(d, cfg.time_buckets) if cfg.long_query_time else None
             self.emb_norm = nn.LayerNorm(d) if cfg.norm == "post" else None
             self.long_encoder = CausalEncoder(d, cfg.layers, cfg.heads, cfg.inner, cfg.dropout, cfg.attn_dropout,
                                               cfg.norm, cfg.ff_dropout)
@@ -385,9 +394,12 @@ class LSTI(SequenceRecommender):
         return self.profile_adapter(text) * keep.unsqueeze(-1).to(text.dtype)
 
     def _long(self, x: torch.Tensor, items: torch.Tensor, times: torch.Tensor, users: torch.Tensor,
-              query_mask: torch.Tensor | None = None, query_rows: torch.Tensor | None = None) -> torch.Tensor:
+              query_mask: torch.Tensor | None = None, query_rows: torch.Tensor | None = None,
+              query_times: torch.Tensor | None = None) -> torch.Tensor:
         """Long-term states [B, L, D], or [Q, D] at the `query_mask` positions (row-major; `query_rows` are
-        their batch rows, `query_mask.nonzero()[0]`)."""
+        their batch rows, `query_mask.nonzero()[0]`). With `long_query_time`, `query_times` [B, L] (as in
+        `forward`) feed each position's input; None: each prediction is requested at the next event, the
+        newest one right after it."""
         n = items.shape[1]
         if self.cfg.positions == "absolute":  # count from the oldest event (inputs are left padded)
             pos = ((items > 0).cumsum(1) - 1).clamp_min(0)
@@ -396,6 +408,11 @@ class LSTI(SequenceRecommender):
         h = (x if self.emb_norm is not None else x * math.sqrt(self.cfg.hidden)) + self.pos_emb(pos)
         if self.time_emb is not None:
             h = h + self.time_emb(times, items)
+        if self.query_time_emb is not None:
+            if query_times is None:
+                query_times = torch.cat([times[:, 1:], times[:, -1:]], dim=1)
+            gap = query_times - times
+            h = h + self.query_time_emb.emb(self.query_time_emb.bucketize(gap) * (items > 0))
         if self.emb_norm is not None:
             h = self.emb_norm(h)
         h = self.drop(h) * (items > 0).unsqueeze(-1)
@@ -470,14 +487,16 @@ class LSTI(SequenceRecommender):
         x = F.embedding(items, table)
         cfg = self.cfg
         rows = None if queries is None else queries[0]
-        long = self._long(x, items, times, users, query_mask, rows) if cfg.use_long else None
+        if query_times is not None:
+            query_times = query_times[:, -items.shape[1]:]
+        long = self._long(x, items, times, users, query_mask, rows, query_times) if cfg.use_long else None
         short = self._short(x, items, times, queries) if cfg.use_short else None
         elapsed = known = None
         if long is not None and short is not None and cfg.user_fusion == "gate":
             if query_times is None:
                 elapsed = torch.zeros_like(times, dtype=x.dtype)
             else:
-                elapsed = self.elapsed_feature(query_times[:, -items.shape[1]:] - times, x.dtype)
+                elapsed = self.elapsed_feature(query_times - times, x.dtype)
             known = (items > 0).cumsum(1) if cfg.gate_length else None  # events up to each position
             if queries is not None:
                 elapsed = elapsed[queries]
