@@ -81,7 +81,7 @@ def query_ranks(run_dir: Path) -> pd.DataFrame:
     evaluate(compose_config(run_dir / "eval", [f"ckpt={run_dir / 'checkpoints' / 'best.ckpt'}", "save_ranks=true"],
                             "evaluate"))
     ranks = pd.read_csv(run_dir / "eval" / "ranks.csv", dtype={"user": str})
-    ranks["ndcg"] = rank_metrics(torch.from_numpy(ranks["rank"].to_numpy()), ks=(10,))["ndcg@10"].numpy()
+    ranks["ndcg"] = rank_metrics(torch.tensor(ranks["rank"].to_numpy()), ks=(10,))["ndcg@10"].numpy()
     return ranks
 
 
