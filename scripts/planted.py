@@ -64,13 +64,7 @@ def compose_config(output_dir: Path, overrides: list[str], config_name: str = "t
 
 def session_starts(cfg: DictConfig) -> dict[str, bool]:
     """Ground truth per user: does the test target (the user's last event) open a new session?"""
-    from training.data import synthetic
-
-    gen = synthetic.generate(**OmegaConf.to_container(cfg.data.source.synthetic, resolve=True))
-    log = gen.interactions.reset_index(drop=True)
-    last = log.groupby("user").tail(1).index.to_numpy()
-    opens = gen.truth["session_id"][last] != gen.truth["session_id"][last - 1]
-    return dict(zip(log.loc[last, "user"].astype(str), opens.tolist(), strict=True))
+    return target_truth(cfg)["opens"].to_dict()
 
 
 def query_ranks(run_dir: Path) -> pd.DataFrame:

@@ -193,11 +193,14 @@ class TimeIntervalEmbedding(nn.Module):
         b = (torch.log1p(g) / self.log_base).floor().to(torch.int64) + 1
         return b.clamp(1, self.buckets)
 
+    def of_gaps(self, gaps: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Embeddings of `gaps` (seconds); the zero vector where `valid` is False."""
+        return self.emb(torch.where(valid, self.bucketize(gaps), 0))
+
     def forward(self, times: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         prev = torch.cat([times[:, :1], times[:, :-1]], dim=1)
         has_prev = torch.cat([torch.zeros_like(items[:, :1], dtype=torch.bool), items[:, :-1] > 0], dim=1)
-        bucket = torch.where(has_prev & (items > 0), self.bucketize(times - prev), 0)
-        return self.emb(bucket)
+        return self.of_gaps(times - prev, has_prev & (items > 0))
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:

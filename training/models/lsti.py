@@ -411,8 +411,7 @@ class LSTI(SequenceRecommender):
         if self.query_time_emb is not None:
             if query_times is None:
                 query_times = torch.cat([times[:, 1:], times[:, -1:]], dim=1)
-            gap = query_times - times
-            h = h + self.query_time_emb.emb(self.query_time_emb.bucketize(gap) * (items > 0))
+            h = h + self.query_time_emb.of_gaps(query_times - times, items > 0)
         if self.emb_norm is not None:
             h = self.emb_norm(h)
         h = self.drop(h) * (items > 0).unsqueeze(-1)
