@@ -12,7 +12,8 @@ run's test split is evaluated once with `training.evaluate save_ranks=true` (cac
 `<run>/ranks/ranks.csv`); a user's NDCG@10 is averaged over the seeds of each model, so seed noise and user
 noise are both in the interval. Users are resampled with replacement (`--samples` times, fixed seed); for
 each resample the script computes B's relative NDCG@10 gain over A on all users, on a slice (`--slice
-short`: users whose history is at most `--max-history` events; `--slice tail`: users whose target is a
+short`: users whose history is at most `--max-history` events, or with `--shortest-share` that share of the
+users with the shortest histories; `--slice tail`: users whose target is a
 tail item, the evaluator's items_tail), and the difference of the two. It prints (and, with
 `--section`, writes into docs/results.md) the estimates with 95% percentile intervals. An interval for the
 difference that contains 0 means this data cannot tell "more gain on the slice" from "the same gain".
