@@ -177,9 +177,8 @@ class _LSTIEncoder:
             return None
         items, times, users = self.rec._window_tensors(state)
         x = F.embedding(items, self.rec.table)
-        query_times = None
-        if self.cfg.long_query_time:  # the request time feeds the newest position: encoded per request
-            query_times = torch.cat([times[:, 1:], times[:, -1:] if now is None else times.new_tensor([[now]])], 1)
+        # with long_query_time the request time feeds the newest position (None: right after the newest event)
+        query_times = None if now is None else torch.cat([times[:, 1:], times.new_tensor([[now]])], 1)
         return self.model._long(x, items, times, users, query_times=query_times)[0, -1]
 
     # -------------------------------------------------------------- short
