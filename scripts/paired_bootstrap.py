@@ -6,6 +6,7 @@
     python scripts/paired_bootstrap.py A_dir B_dir --slice tail           # users whose target is a tail item
     python scripts/paired_bootstrap.py A_dir B_dir --shortest-share 0.2   # the fifth of users with the shortest histories
     python scripts/paired_bootstrap.py A_dir B_dir --slice cold_users     # held-out users with <= 5 known events
+    python scripts/paired_bootstrap.py A_dir B_dir --shortest-share 0.2 --by-target  # ... split by head/tail targets
 
 A_dir / B_dir hold one run per seed (`seed<s>/checkpoints/best.ckpt`, as `scripts/experiments.py` writes). Each
 run's test split is evaluated once with `training.evaluate save_ranks=true` (cached as
@@ -125,12 +126,18 @@ def cold_user_totals(base: Path, model: Path, seeds: list[int] | None, max_histo
     return {c: totals[c].to_numpy() for c in totals.columns}, [int(r.name[4:]) for r in runs_a]
 
 
+def resampled_sums(columns: dict[str, np.ndarray], samples: int, seed: int) -> dict[str, np.ndarray]:
+    """Each per-user column summed over every resample of users [samples] (the same resamples for a given seed)."""
+    n = next(iter(columns.values())).shape[0]
+    idx = np.random.default_rng(seed).integers(0, n, (samples, n))
+    return {name: values[idx].sum(1) for name, values in columns.items()}
+
+
 def bootstrap_totals(totals: dict, gains: dict[str, tuple[str, str]], samples: int, seed: int) -> dict[str, np.ndarray]:
     """Relative gains sum(B)/sum(A) - 1 per resample of users, for each named pair of columns of `totals`."""
-    n = next(iter(totals.values())).shape[0]
-    idx = np.random.default_rng(seed).integers(0, n, (samples, n))
+    sums = resampled_sums(totals, samples, seed)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return {name: totals[b][idx].sum(1) / totals[a][idx].sum(1) - 1.0 for name, (a, b) in gains.items()}
+        return {name: sums[b] / sums[a] - 1.0 for name, (a, b) in gains.items()}
 
 
 def cold_user_rows(args: argparse.Namespace) -> tuple[list[str], str]:
@@ -171,6 +178,51 @@ def bootstrap(a: np.ndarray, b: np.ndarray, in_slice: np.ndarray, samples: int, 
     return {**draws, "difference": draws["slice"] - draws["overall"]}
 
 
+def target_mix_estimates(sums: dict[str, np.ndarray | float]) -> dict[str, np.ndarray | float]:
+    """From sums over users (`resampled_sums` columns, or plain totals) of A's and B's NDCG and of the user count, in
+    the slice (s) and outside it (o), for head (h) and tail (t) targets: B's gain over A per group, the differences
+    slice - outside per target kind, and the slice's gain re-weighted to the head/tail mix of all users (each
+    kind's mean NDCG in the slice, weighted by that kind's share of all users' targets)."""
+    out: dict = {}
+    with np.errstate(invalid="ignore", divide="ignore"):
+        for group in ("sh", "oh", "st", "ot"):
+            out[group] = sums[f"b_{group}"] / sums[f"a_{group}"] - 1.0
+        out["head_difference"], out["tail_difference"] = out["sh"] - out["oh"], out["st"] - out["ot"]
+        n = {kind: sums[f"n_s{kind}"] + sums[f"n_o{kind}"] for kind in "ht"}
+        share = {kind: n[kind] / (n["h"] + n["t"]) for kind in "ht"}
+        mixed = {m: sum(share[kind] * sums[f"{m}_s{kind}"] / sums[f"n_s{kind}"] for kind in "ht") for m in "ab"}
+        overall = {m: sum(sums[f"{m}_{g}"] for g in ("sh", "oh", "st", "ot")) for m in "ab"}
+        out["mixed"] = mixed["b"] / mixed["a"] - 1.0
+        out["mixed_difference"] = out["mixed"] - (overall["b"] / overall["a"] - 1.0)
+    return out
+
+
+def target_mix_rows(a: np.ndarray, b: np.ndarray, head: np.ndarray, in_slice: np.ndarray, slice_name: str,
+                    samples: int, seed: int) -> list[str]:
+    """--by-target: is the slice's gain smaller or larger because of what its users' targets are? B's gain over A
+    on head and on tail targets, in the slice and outside it, and the slice's gain at all users' head/tail mix."""
+    columns = {}
+    for group, mask in (("sh", in_slice & head), ("oh", ~in_slice & head), ("st", in_slice & ~head),
+                        ("ot", ~in_slice & ~head)):
+        w = mask.astype(np.float64)
+        columns.update({f"a_{group}": a * w, f"b_{group}": b * w, f"n_{group}": w})
+    est = target_mix_estimates({k: float(v.sum()) for k, v in columns.items()})
+    draws = target_mix_estimates(resampled_sums(columns, samples, seed))
+    count = {g: int(columns[f"n_{g}"].sum()) for g in ("sh", "oh", "st", "ot")}
+    tail_share = {"s": count["st"] / max(count["st"] + count["sh"], 1), "o": count["ot"] / max(count["ot"] + count["oh"], 1)}
+    every_tail = (count["st"] + count["ot"]) / len(a)
+    return [_row(f"{slice_name}, head targets ({count['sh']} users)", est["sh"], draws["sh"]),
+            _row(f"the other users, head targets ({count['oh']})", est["oh"], draws["oh"]),
+            _row("head targets: slice gain - other users' gain", est["head_difference"], draws["head_difference"]),
+            _row(f"{slice_name}, tail targets ({count['st']} users)", est["st"], draws["st"]),
+            _row(f"the other users, tail targets ({count['ot']})", est["ot"], draws["ot"]),
+            _row("tail targets: slice gain - other users' gain", est["tail_difference"], draws["tail_difference"]),
+            _row(f"{slice_name} at all users' target mix ({100 * every_tail:.0f}% tail, not the slice's "
+                 f"{100 * tail_share['s']:.0f}%; the other users' {100 * tail_share['o']:.0f}%)", est["mixed"],
+                 draws["mixed"]),
+            _row("that gain - overall gain", est["mixed_difference"], draws["mixed_difference"])]
+
+
 def _shown(path: Path) -> str:
     """A path as the command line in the docs shows it: relative to the repository when inside it."""
     try:
@@ -205,6 +257,9 @@ def main() -> None:
                     help="--slice short: instead of --max-history, the share of users with the shortest histories "
                          "(0.2: the shortest fifth, as the tail slice is the 80%% least popular items); users tied "
                          "at the boundary length are all in")
+    ap.add_argument("--by-target", action="store_true",
+                    help="--slice short: also split the gains by the target's kind (head / tail item), in the slice "
+                         "and outside it, and re-weight the slice's gain to all users' head/tail mix")
     ap.add_argument("--seeds", type=int, nargs="+", default=None, help="only these seeds (default: every finished)")
     ap.add_argument("--history-cap", type=int, nargs="+", default=None,
                     help="also compare the gain with histories capped at these numbers of events")
@@ -221,6 +276,8 @@ def main() -> None:
             raise SystemExit(f"--shortest-share {args.shortest_share}: give a share of users between 0 and 1 (e.g. 0.2).")
     if args.max_history is None and args.shortest_share is None:
         args.max_history = 5 if args.slice == "cold_users" else 20
+    if args.by_target and args.slice != "short":
+        raise SystemExit("--by-target splits the short slice by its targets' kind: use it with --slice short.")
     if args.slice == "cold_users":
         if args.history_cap:
             raise SystemExit("--history-cap compares capped test histories; it does not combine with --slice cold_users.")
@@ -256,6 +313,9 @@ def main() -> None:
         ("overall", f"all {len(users)} users"),
         ("slice", slice_label),
         ("difference", "slice gain - overall gain"))]
+    if args.by_target:
+        rows += target_mix_rows(a["ndcg"].to_numpy(), b["ndcg"].to_numpy(), a["head_item"].astype(bool).to_numpy(),
+                                in_slice, "the slice", args.samples, args.seed)
     for cap in args.history_cap or []:
         a_cap, b_cap = (user_ndcg(d, args.seeds, cap)[0]["ndcg"].reindex(users).to_numpy()
                         for d in (args.base, args.model))
@@ -267,7 +327,8 @@ def main() -> None:
     what = ("--slice tail" if args.slice == "tail" else f"--shortest-share {args.shortest_share:g}"
             if args.shortest_share is not None else f"--max-history {args.max_history}")
     cmd = (f"python scripts/paired_bootstrap.py {_shown(args.base)} {_shown(args.model)} {what}" + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds else "")
-           + (f" --history-cap {' '.join(map(str, args.history_cap))}" if args.history_cap else ""))
+           + (f" --history-cap {' '.join(map(str, args.history_cap))}" if args.history_cap else "")
+           + (" --by-target" if args.by_target else ""))
     report(args, cmd, f"test NDCG@10 of `{args.model.name}` over `{args.base.name}`; per-user NDCG@10 averaged over "
                       f"seeds {seeds_a} and {seeds_b}; {args.samples} paired resamples of users", rows)
 

@@ -53,6 +53,24 @@ def test_shortest_bound_takes_the_length_at_the_share_and_keeps_ties():
     assert pb.shortest_bound(np.arange(1, 101), 0.25) == 25
 
 
+def test_target_mix_splits_the_gain_by_the_targets_kind_and_reweights_the_slice():
+    pb = _script()
+    #            slice head  slice tail  other head        other tail
+    a = np.array([0.2, 0.2, 0.1, 0.2, 0.2, 0.2, 0.1, 0.1, 0.1, 0.1])
+    b = np.array([0.2, 0.2, 0.3, 0.22, 0.22, 0.22, 0.12, 0.12, 0.12, 0.12])
+    head = np.array([True, True, False, True, True, True, False, False, False, False])
+    in_slice = np.arange(10) < 3
+    rows = pb.target_mix_rows(a, b, head, in_slice, "the slice", samples=300, seed=0)
+    assert rows[0].startswith("| the slice, head targets (2 users) | +0.0% |")
+    assert rows[1].startswith("| the other users, head targets (3) | +10.0% |")
+    assert rows[3].startswith("| the slice, tail targets (1 users) | +200.0% |")
+    assert rows[4].startswith("| the other users, tail targets (4) | +20.0% |")
+    # all users: 5 head and 5 tail targets; the slice's means (.2 -> .2 on head, .1 -> .3 on tail) at that mix:
+    # (.5 * .2 + .5 * .3) / (.5 * .2 + .5 * .1) - 1 = +66.7%, against an overall gain of 1.84 / 1.5 - 1 = +22.7%
+    assert "(50% tail, not the slice's 33%; the other users' 57%) | +66.7% |" in rows[6]
+    assert rows[7].startswith(f"| that gain - overall gain | {100 * (0.25 / 0.15 - 1.84 / 1.5):+.1f}% |")
+
+
 def test_script_pairs_users_over_seeds_and_writes_its_section(tmp_path, monkeypatch, capsys):
     pb = _script()
     users = [f"u{i}" for i in range(40)]
@@ -94,6 +112,16 @@ def test_script_pairs_users_over_seeds_and_writes_its_section(tmp_path, monkeypa
         monkeypatch.setattr(sys, "argv", ["paired_bootstrap.py", str(tmp_path / "base"), str(tmp_path / "model"), *bad])
         with pytest.raises(SystemExit, match="shortest-share"):
             pb.main()
+    monkeypatch.setattr(sys, "argv", ["paired_bootstrap.py", str(tmp_path / "base"), str(tmp_path / "model"),
+                                      "--samples", "200", "--by-target"])
+    pb.main()
+    out = capsys.readouterr().out  # the slice u0..u15: 8 head and 8 tail targets, all gaining; no other user gains
+    assert f"| the slice, tail targets (8 users) | {100 * gain:+.1f}% |" in out
+    assert "| the other users, head targets (12) | +0.0% |" in out and "--by-target`" in out
+    monkeypatch.setattr(sys, "argv", ["paired_bootstrap.py", str(tmp_path / "base"), str(tmp_path / "model"),
+                                      "--slice", "tail", "--by-target"])
+    with pytest.raises(SystemExit, match="by-target"):
+        pb.main()
     monkeypatch.setattr(sys, "argv", ["paired_bootstrap.py", str(tmp_path / "base"), str(tmp_path / "none")])
     with pytest.raises(SystemExit, match="no finished run"):
         pb.main()
