@@ -29,6 +29,13 @@ class LossConfig:
     # have trained against items that did not exist yet, and as ever-negative items the model would learn
     # to bury them, which defeats text-based cold-start.
     exclude_unseen: bool = True
+    # Neighbour distillation (LLM-ESR's retrieval-augmented self-distillation, training/neighbours.py): adds this
+    # weight times the mean squared distance between each training window's newest user state and the mean of
+    # the latest states of the user's `neighbours` most similar users (retrieved once from the training events by
+    # `neighbour_key`: items | text), so similar users inform a short history. 0: off.
+    neighbour_distill: float = 0.0
+    neighbours: int = 10
+    neighbour_key: str = "items"
 
     def __post_init__(self) -> None:
         if self.name not in ("ce", "sampled", "bce"):
@@ -39,6 +46,12 @@ class LossConfig:
             raise ValueError(f"loss.num_negatives={self.num_negatives} must be >= 1.")
         if self.temperature <= 0:
             raise ValueError(f"loss.temperature={self.temperature} must be > 0.")
+        if self.neighbour_distill < 0:
+            raise ValueError(f"loss.neighbour_distill={self.neighbour_distill} must be >= 0 (0 turns it off).")
+        if self.neighbours < 1:
+            raise ValueError(f"loss.neighbours={self.neighbours} must be >= 1.")
+        if self.neighbour_key not in ("items", "text"):
+            raise ValueError(f"loss.neighbour_key={self.neighbour_key!r}: use items or text.")
 
 
 def negative_distribution(cfg: LossConfig, item_counts: torch.Tensor | None, num_items: int,

@@ -154,6 +154,14 @@ class LitRecommender(L.LightningModule):
                              persistent=False)
         self.register_buffer("neg_probs", negative_distribution(self.loss_cfg, data_info.item_counts, info["num_items"],
                                                                 self.train_items), persistent=False)
+        # loss.neighbour_distill: every user's k most similar users (training.neighbours, built by training.train
+        # from the training events) and the bank of the users' latest training states (not saved: a resumed run
+        # refills it within an epoch; under DDP each rank banks the users it trains on)
+        neighbours = tensors.get("user_neighbours")
+        self.register_buffer("user_neighbours", None if neighbours is None else neighbours.to(torch.int64).clone(),
+                             persistent=False)
+        self._user_bank: torch.Tensor | None = None
+        self._user_banked: torch.Tensor | None = None
         self._eval_outputs: list[dict] = []
         self._eval_table: torch.Tensor | None = None
         self._t_last = None
@@ -179,6 +187,7 @@ class LitRecommender(L.LightningModule):
             loss = recommendation_loss(states, batch["targets"][has_target], item_table, self.loss_cfg,
                                        self.neg_probs, item_mask=self.train_items,
                                        sparse_rows=self.optim_cfg.sparse_item_grad)
+            loss = loss + self._neighbour_term(states, has_target, batch["users"])
         n_seq = batch["items"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=n_seq)
         now = time.perf_counter()
@@ -211,8 +220,45 @@ class LitRecommender(L.LightningModule):
         states = self.model(items, batch["times"], batch["users"], query_times=batch["target_times"],
                             item_table=table)
         self.log("train/candidates", float(candidates.numel()), batch_size=items.shape[0])
-        return candidate_softmax_loss(states[has_target], targets[has_target], candidates, reps,
+        loss = candidate_softmax_loss(states[has_target], targets[has_target], candidates, reps,
                                       self.loss_cfg.temperature)
+        return loss + self._neighbour_term(states[has_target], has_target, batch["users"])
+
+    def _neighbour_term(self, states: torch.Tensor, has_target: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
+        """`loss.neighbour_distill` times the neighbour-distillation loss (0 when off).
+
+        `states` [Q, D] are the scored positions of `has_target` [B, L], row-major. Each window's newest position
+        (its last column) is the user's latest state in the batch: it is pulled toward the mean of its
+        neighbours' banked states (detached: a teacher, as in LLM-ESR; neighbours not banked yet are left out),
+        then it replaces the user's own bank entry."""
+        weight = self.loss_cfg.neighbour_distill
+        if not weight:
+            return states.new_zeros(())
+        if self.user_neighbours is None:
+            raise ValueError("loss.neighbour_distill > 0 needs each user's similar users (training.neighbours), "
+                             "which training.train builds from the whole training set; a federated client, which "
+                             "sees only its own users, cannot: set loss.neighbour_distill=0 there.")
+        positions = has_target.nonzero()
+        newest = positions[:, 1] == has_target.shape[1] - 1
+        latest, users = states[newest], users[positions[newest, 0]]
+        if self._user_bank is None or self._user_bank.device != states.device:
+            self._user_bank = torch.zeros(self.user_neighbours.shape[0], states.shape[-1], device=states.device)
+            self._user_banked = torch.zeros(self.user_neighbours.shape[0], dtype=torch.bool, device=states.device)
+        neighbours = self.user_neighbours[users]  # [b, k], -1: none
+        usable = (neighbours >= 0) & self._user_banked[neighbours.clamp_min(0)]
+        counts = usable.sum(1, keepdim=True)
+        teacher = (self._user_bank[neighbours.clamp_min(0)] * usable.unsqueeze(-1)).sum(1) / counts.clamp_min(1)
+        taught = counts.squeeze(1) > 0
+        if bool(taught.any()):
+            distill = (latest[taught].float() - teacher[taught]).pow(2).mean(-1).mean()
+        else:
+            distill = latest.sum() * 0.0  # keeps the graph (and DDP's gradient buckets) alike on every step
+        with torch.no_grad():
+            self._user_bank[users] = latest.detach().float()
+            self._user_banked[users] = True
+        if self._trainer is not None:  # driven without a Trainer (tests, training.bench): nothing to log to
+            self.log("train/neighbour_distill", distill.detach(), batch_size=int(has_target.shape[0]))
+        return weight * distill
 
     def on_train_epoch_start(self) -> None:
         self._t_last = None

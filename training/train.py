@@ -71,6 +71,19 @@ def item_tensors(cfg: DictConfig, dm) -> tuple[dict, dict]:
         tensors["user_text"] = user_text_embeddings(dm.load_users_frame(), list(dm.prepare().user_ids), template,
                                                     **encoder)
         info.user_text_dim = int(tensors["user_text"].shape[1])
+    loss_cfg = cfg.get("loss") or {}
+    if float(loss_cfg.get("neighbour_distill", 0) or 0) > 0:
+        from training.neighbours import user_neighbours
+
+        key = loss_cfg.get("neighbour_key", "items")
+        if key == "text" and "item_text" not in tensors:
+            raise ValueError("loss.neighbour_key=text retrieves similar users by their items' text embeddings, which "
+                             f"this model does not use (model={cfg.model.get('_target_')}): use a model with text "
+                             "(e.g. model=lsti) or loss.neighbour_key=items.")
+        tensors["user_neighbours"] = user_neighbours(dm.prepare(), int(loss_cfg.get("neighbours", 10)), key,
+                                                     tensors.get("item_text"))
+        log.info("neighbour distillation: %d similar users each (by %s), weight %s",
+                 tensors["user_neighbours"].shape[1], key, loss_cfg.neighbour_distill)
     return tensors, info.scalars()
 
 
