@@ -66,6 +66,10 @@ def make_spec(cfg: DictConfig | dict, num_clients: int, client_state_dir: str | 
     local = dict(fed["local"])
     if int(local.get("epochs", 1)) < 1 or int(local.get("batch_size", 1)) < 1:
         raise FederatedConfigError(f"federated.local.epochs/batch_size must be >= 1, got {local}.")
+    if float((c.get("loss") or {}).get("neighbour_distill", 0) or 0) > 0:
+        raise FederatedConfigError("loss.neighbour_distill retrieves similar users from every user's training "
+                                   "events, which no federated client sees (raw interactions stay on their client): "
+                                   "set loss.neighbour_distill=0 for federated runs.")
     checkpoint = fed.get("checkpoint")
     return {
         "version": SPEC_VERSION,

@@ -161,6 +161,12 @@ def test_dp_validation_names_the_setting():
     privacy.validate_dp({"central": False, "noise_multiplier": -1}, num_clients=20)
 
 
+def test_neighbour_distillation_is_refused(tmp_path):
+    cfg = compose(tmp_path, "++loss.neighbour_distill=0.5")
+    with pytest.raises(task.FederatedConfigError, match="loss.neighbour_distill"):
+        task.make_spec(cfg, 3, str(tmp_path / "client_state"))
+
+
 def test_accountant_grows_and_matches_opacus():
     from opacus.accountants import RDPAccountant
 
