@@ -84,10 +84,12 @@ SUITES: dict[str, dict[str, list[str]]] = {
         # the profile added to the fused user state, so the gate cannot turn it down when few events are known
         "lsti_crop_len_profile_user": ["model=lsti", "data.train_history_crop=0.3", "model.gate_length=true",
                                        "model.user_profile=true", "model.profile_into=user"],
-        # + neighbour distillation (LLM-ESR): each user's latest state pulled toward the states of its 10 most similar
-        # users (by training items), so similar users inform a short history; two weights, set before any run
+        # + neighbour distillation (after LLM-ESR): each window's newest next-item distribution pulled toward the mean
+        # distribution of the user's 10 most similar users (by training items), so similar users inform a short
+        # history; two weights set before any run: the neighbours about half (0.02) or most (0.1) of the newest
+        # position's training signal (~40 scored positions a window share the recommendation loss)
+        "lsti_crop_len_nbr002": ["experiment=lsti_crop", "loss.neighbour_distill=0.02"],
         "lsti_crop_len_nbr01": ["experiment=lsti_crop", "loss.neighbour_distill=0.1"],
-        "lsti_crop_len_nbr05": ["experiment=lsti_crop", "loss.neighbour_distill=0.5"],
     },
     # 20% of the users held out of training and validation, then evaluated as new users after each of their first
     # 1..20 events (cold_users/ metrics): a short-history slice that MovieLens-100k's own users cannot give (each

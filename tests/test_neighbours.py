@@ -10,7 +10,7 @@ import torch
 from tests.helpers import tiny_config
 from training import neighbours as nb
 from training.data.sequences import PreprocessConfig, build_sequences
-from training.losses import LossConfig
+from training.losses import LossConfig, neighbour_distill_loss
 from training.train import train
 
 
@@ -92,26 +92,48 @@ def test_distillation_pulls_the_newest_state_toward_banked_neighbours():
     lit = _module(torch.tensor([[1, -1], [0, 2], [1, -1], [-1, -1]]))
     has_target = torch.tensor([[False, True, True], [True, True, True]])
     users = torch.tensor([0, 1])
+    table = torch.randn(7, 4)
+    mask = lit._catalogue_mask()
     states = torch.randn(5, 4, requires_grad=True)  # row-major over has_target: row 0 has 2, row 1 has 3
-    first = lit._neighbour_term(states, has_target, users)
+    first = lit._neighbour_term(states, has_target, users, table, mask)
     # user 0's neighbour (1) and user 1's (0, 2) were not banked yet: nothing to learn from
     assert float(first.detach()) == 0.0
     assert torch.equal(lit._user_bank[0], states[1].detach()) and torch.equal(lit._user_bank[1], states[4].detach())
     again = torch.randn(5, 4, requires_grad=True)
-    loss = lit._neighbour_term(again, has_target, users)
+    loss = lit._neighbour_term(again, has_target, users, table, mask)
+
+    def probs(s):
+        return torch.softmax((s @ table[1:].T), -1)  # item 0 is the padding, never scored
+
     # user 0 learns from user 1's banked state; user 1 from user 0's only (user 2 was never banked)
-    expected = ((again[1] - states[4].detach()).pow(2).mean() + (again[4] - states[1].detach()).pow(2).mean()) / 2
-    assert torch.allclose(loss, expected)
+    kl = [(probs(t) * (probs(t).log() - probs(s).log())).sum() for s, t in ((again[1], states[4]), (again[4], states[1]))]
+    assert torch.allclose(loss, lit.loss_cfg.neighbour_distill * sum(kl) / 2, atol=1e-6)
     loss.backward()
     assert again.grad[[0, 2, 3]].abs().sum() == 0 and again.grad[[1, 4]].abs().sum() > 0  # newest positions only
+    # a state that predicts what its neighbours predict has nothing left to learn
+    assert float(neighbour_distill_loss(states[4:5].detach(), states[4:5].detach().unsqueeze(1),
+                                        torch.ones(1, 1, dtype=torch.bool), table, mask)) == pytest.approx(0, abs=1e-6)
+
+
+def test_distillation_cannot_be_escaped_by_shrinking_the_states():
+    """Why the loss is a KL between next-item distributions, not a distance between states: a model can scale every
+    user state down and the item table up by the same factor, which leaves every score (and the recommendation
+    loss) as it was and shrinks a squared distance between states toward 0; the KL does not move."""
+    torch.manual_seed(0)
+    table, student, teacher = torch.randn(30, 8), torch.randn(1, 8), torch.randn(1, 1, 8)
+    usable = torch.ones(1, 1, dtype=torch.bool)
+    kl = [float(neighbour_distill_loss(a * student, a * teacher, usable, table / a)) for a in (1.0, 0.1, 0.01)]
+    assert kl[0] > 0.1 and kl[1] == pytest.approx(kl[0], rel=1e-4) and kl[2] == pytest.approx(kl[0], rel=1e-4)
+    distance = [float(((a * student - a * teacher[:, 0]) ** 2).mean()) for a in (1.0, 0.01)]
+    assert distance[1] < 1e-3 * distance[0]
 
 
 def test_distillation_without_neighbours_is_a_clear_error():
     lit = _module()
+    args = (torch.randn(2, 4), torch.ones(1, 2, dtype=torch.bool), torch.tensor([0]), torch.randn(7, 4))
     with pytest.raises(ValueError, match="federated client"):
-        lit._neighbour_term(torch.randn(2, 4), torch.ones(1, 2, dtype=torch.bool), torch.tensor([0]))
-    assert float(_module(weight=0.0)._neighbour_term(torch.randn(2, 4), torch.ones(1, 2, dtype=torch.bool),
-                                                     torch.tensor([0]))) == 0.0
+        lit._neighbour_term(*args)
+    assert float(_module(weight=0.0)._neighbour_term(*args)) == 0.0
 
 
 def test_training_with_neighbour_distillation(tmp_path):

@@ -29,10 +29,10 @@ class LossConfig:
     # have trained against items that did not exist yet, and as ever-negative items the model would learn
     # to bury them, which defeats text-based cold-start.
     exclude_unseen: bool = True
-    # Neighbour distillation (LLM-ESR's retrieval-augmented self-distillation, training/neighbours.py): adds this
-    # weight times the mean squared distance between each training window's newest user state and the mean of
-    # the latest states of the user's `neighbours` most similar users (retrieved once from the training events by
-    # `neighbour_key`: items | text), so similar users inform a short history. 0: off.
+    # Neighbour distillation (after LLM-ESR's retrieval-augmented self-distillation; training/neighbours.py): adds
+    # this weight times KL(teacher || model) at each training window's newest position, where the teacher is the
+    # mean next-item distribution of the user's `neighbours` most similar users (retrieved once from the training
+    # events by `neighbour_key`: items | text), so what similar users do informs a short history. 0: off.
     neighbour_distill: float = 0.0
     neighbours: int = 10
     neighbour_key: str = "items"
@@ -133,3 +133,35 @@ def candidate_softmax_loss(states: torch.Tensor, targets: torch.Tensor, candidat
     logits = (states @ candidate_table.T).float() / temperature
     labels = torch.searchsorted(candidates, targets)
     return F.cross_entropy(logits, labels)
+
+
+def neighbour_distill_loss(student: torch.Tensor, teachers: torch.Tensor, usable: torch.Tensor,
+                           table: torch.Tensor, item_mask: torch.Tensor | None = None,
+                           temperature: float = 1.0) -> torch.Tensor:
+    """Mean KL(teacher || student) over the rows that have a teacher; 0 (with a graph) when none has.
+
+    student [B, D]: the users' states; teachers [B, k, D]: their neighbours' (banked, no gradient); usable [B, k]
+    bool: which neighbours count. The teacher of a row is the mean of its usable neighbours' softmax
+    distributions over `table` [C, D] (the catalogue, or a candidate set; `item_mask` [C] bool: the items that may
+    be scored, e.g. the training catalogue; the padding row is masked when `table` is the catalogue). The loss
+    is in score space on purpose: a squared distance between states can be shrunk by scaling every state down
+    (the item table scaling up), which leaves the ranking as it was while the term vanishes; a distribution
+    cannot be moved that way without moving the recommendation loss too."""
+    taught = usable.any(1)
+    if not bool(taught.any()):
+        return student.sum() * 0.0  # keeps the graph (and DDP's gradient buckets) alike on every step
+    student, teachers, usable = student[taught], teachers[taught], usable[taught]
+
+    def log_probs(states: torch.Tensor) -> torch.Tensor:
+        logits = (states @ table.T).float() / temperature
+        if item_mask is not None:
+            logits = logits.masked_fill(~item_mask.to(logits.device), float("-inf"))
+        return torch.log_softmax(logits, dim=-1)
+
+    with torch.no_grad():  # one neighbour at a time: [B, C] memory, as the loss itself
+        weights = usable.to(torch.float32) / usable.sum(1, keepdim=True)
+        teacher = sum(log_probs(teachers[:, j]).exp() * weights[:, j:j + 1] for j in range(teachers.shape[1]))
+        entropy = -(teacher * teacher.clamp_min(1e-30).log()).sum(-1)
+    cross = -(teacher * log_probs(student).clamp_min(-1e30)).sum(-1)  # clamp: 0 * -inf on masked items
+    return (cross - entropy).mean()
+

@@ -21,7 +21,13 @@ from omegaconf import DictConfig, OmegaConf
 
 from training import metrics as M
 from training.data.sequences import DataInfo
-from training.losses import LossConfig, candidate_softmax_loss, negative_distribution, recommendation_loss
+from training.losses import (
+    LossConfig,
+    candidate_softmax_loss,
+    negative_distribution,
+    neighbour_distill_loss,
+    recommendation_loss,
+)
 from training.optim import DenseSparseAdam, sparse_grad_norm_clip_
 
 # Evaluation metrics are gathered and reduced exactly on every rank (`_gather`), so logging them without
@@ -187,7 +193,7 @@ class LitRecommender(L.LightningModule):
             loss = recommendation_loss(states, batch["targets"][has_target], item_table, self.loss_cfg,
                                        self.neg_probs, item_mask=self.train_items,
                                        sparse_rows=self.optim_cfg.sparse_item_grad)
-            loss = loss + self._neighbour_term(states, has_target, batch["users"])
+            loss = loss + self._neighbour_term(states, has_target, batch["users"], item_table, self._catalogue_mask())
         n_seq = batch["items"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=n_seq)
         now = time.perf_counter()
@@ -222,15 +228,24 @@ class LitRecommender(L.LightningModule):
         self.log("train/candidates", float(candidates.numel()), batch_size=items.shape[0])
         loss = candidate_softmax_loss(states[has_target], targets[has_target], candidates, reps,
                                       self.loss_cfg.temperature)
-        return loss + self._neighbour_term(states[has_target], has_target, batch["users"])
+        return loss + self._neighbour_term(states[has_target], has_target, batch["users"], reps)
 
-    def _neighbour_term(self, states: torch.Tensor, has_target: torch.Tensor, users: torch.Tensor) -> torch.Tensor:
+    def _catalogue_mask(self) -> torch.Tensor:
+        """The items full softmax may score: the training catalogue (`loss.exclude_unseen`), never the padding."""
+        mask = torch.ones_like(self.item_counts, dtype=torch.bool) if self.train_items is None else self.train_items
+        mask = mask.clone()
+        mask[0] = False
+        return mask
+
+    def _neighbour_term(self, states: torch.Tensor, has_target: torch.Tensor, users: torch.Tensor,
+                        table: torch.Tensor, item_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`loss.neighbour_distill` times the neighbour-distillation loss (0 when off).
 
         `states` [Q, D] are the scored positions of `has_target` [B, L], row-major. Each window's newest position
-        (its last column) is the user's latest state in the batch: it is pulled toward the mean of its
-        neighbours' banked states (detached: a teacher, as in LLM-ESR; neighbours not banked yet are left out),
-        then it replaces the user's own bank entry."""
+        (its last column) is the user's latest state in the batch: its next-item distribution over `table` (the
+        catalogue, or the step's candidates) is pulled toward its neighbours' (from their banked states, scored
+        with the current table, no gradient: a teacher; neighbours not banked yet are left out,
+        `losses.neighbour_distill_loss`); then the state replaces the user's own bank entry."""
         weight = self.loss_cfg.neighbour_distill
         if not weight:
             return states.new_zeros(())
@@ -246,13 +261,9 @@ class LitRecommender(L.LightningModule):
             self._user_banked = torch.zeros(self.user_neighbours.shape[0], dtype=torch.bool, device=states.device)
         neighbours = self.user_neighbours[users]  # [b, k], -1: none
         usable = (neighbours >= 0) & self._user_banked[neighbours.clamp_min(0)]
-        counts = usable.sum(1, keepdim=True)
-        teacher = (self._user_bank[neighbours.clamp_min(0)] * usable.unsqueeze(-1)).sum(1) / counts.clamp_min(1)
-        taught = counts.squeeze(1) > 0
-        if bool(taught.any()):
-            distill = (latest[taught].float() - teacher[taught]).pow(2).mean(-1).mean()
-        else:
-            distill = latest.sum() * 0.0  # keeps the graph (and DDP's gradient buckets) alike on every step
+        teachers = self._user_bank[neighbours.clamp_min(0)].to(latest.dtype)
+        distill = neighbour_distill_loss(latest, teachers, usable, table, item_mask,
+                                         self.loss_cfg.temperature)
         with torch.no_grad():
             self._user_bank[users] = latest.detach().float()
             self._user_banked[users] = True
