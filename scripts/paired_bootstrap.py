@@ -62,11 +62,15 @@ def ranks_of(run: Path, cap: int | None = None, split: str = "test") -> pd.DataF
 
 
 def finished_runs(config_dir: Path, seeds: list[int] | None) -> list[Path]:
+    """The runs that have finished: a best checkpoint and the metrics.json that training writes last (a run still
+    training has a best.ckpt that will change, and its ranks would be cached from it)."""
     runs = sorted((d for d in config_dir.glob("seed*") if d.name[4:].isdigit()
                    and (seeds is None or int(d.name[4:]) in seeds)
-                   and (d / "checkpoints" / "best.ckpt").exists()), key=lambda d: int(d.name[4:]))
+                   and (d / "checkpoints" / "best.ckpt").exists() and (d / "metrics.json").exists()),
+                  key=lambda d: int(d.name[4:]))
     if not runs:
-        raise SystemExit(f"{config_dir}: no finished run (seed<s>/checkpoints/best.ckpt){' for seeds ' + str(seeds) if seeds else ''}.")
+        raise SystemExit(f"{config_dir}: no finished run (seed<s>/checkpoints/best.ckpt and seed<s>/metrics.json)"
+                         f"{' for seeds ' + str(seeds) if seeds else ''}.")
     return runs
 
 

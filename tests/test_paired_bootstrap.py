@@ -81,6 +81,7 @@ def test_script_pairs_users_over_seeds_and_writes_its_section(tmp_path, monkeypa
             run = tmp_path / config / f"seed{seed}"
             (run / "checkpoints").mkdir(parents=True)
             (run / "checkpoints" / "best.ckpt").touch()
+            (run / "metrics.json").write_text("{}")
             for folder, r in (("ranks", ranks), ("ranks_cap1", [3] * 40)):  # capped: no gain left
                 (run / folder).mkdir()
                 pd.DataFrame({"user": users, "item": "x", "history": history, "head_item": head, "rank": r}).to_csv(
@@ -136,6 +137,7 @@ def test_cold_user_mode_pairs_queries_within_seeds(tmp_path, monkeypatch, capsys
             run = tmp_path / config / f"seed{seed}"
             (run / "checkpoints").mkdir(parents=True)
             (run / "checkpoints" / "best.ckpt").touch()
+            (run / "metrics.json").write_text("{}")
             cold = [f"u{i}" for i in range(seed * 4, seed * 4 + 4)]  # each seed holds out its own 4 users
             warm = [f"u{i}" for i in range(12) if f"u{i}" not in cold]
             history = [1, 2, 3, 6, 7, 8]  # six queries per held-out user: three with <= 5 known events
@@ -167,3 +169,19 @@ def test_cold_user_mode_pairs_queries_within_seeds(tmp_path, monkeypatch, capsys
         "user,item,history,head_item,rank\nu0,z,1,True,0\n")
     with pytest.raises(SystemExit, match="different cold_users queries"):
         pb.main()
+
+
+def test_runs_still_training_are_left_out(tmp_path):
+    """A run with a best.ckpt but no metrics.json is still training: its checkpoint will change, so it is not used
+    (nor are its ranks cached)."""
+    pb = _script()
+    for seed, done in ((1, True), (2, False)):
+        run = tmp_path / "cfg" / f"seed{seed}"
+        (run / "checkpoints").mkdir(parents=True)
+        (run / "checkpoints" / "best.ckpt").touch()
+        if done:
+            (run / "metrics.json").write_text("{}")
+    assert [r.name for r in pb.finished_runs(tmp_path / "cfg", None)] == ["seed1"]
+    with pytest.raises(SystemExit, match="no finished run"):
+        pb.finished_runs(tmp_path / "cfg", [2])
+
