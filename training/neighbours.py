@@ -16,6 +16,8 @@ number of users; the cost is O(U^2) similarity entries, minutes on a GPU for a m
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
 
@@ -47,7 +49,7 @@ def user_keys(data: SequenceData, key: str, item_text: torch.Tensor | None = Non
         dense = torch.zeros(u, n, dtype=torch.float32) if u * n <= DENSE_KEY_ENTRIES else None
         values = torch.from_numpy(idf[items].astype(np.float32))
         index = torch.from_numpy(np.stack([users, items]))
-        keys = (torch.sparse_coo_tensor(index, values, (u, n)).coalesce() if dense is None
+        keys = (torch.sparse_coo_tensor(index, values, (u, n), check_invariants=False).coalesce() if dense is None
                 else dense.index_put_((index[0], index[1]), values))
     else:
         if item_text is None:
@@ -59,7 +61,10 @@ def user_keys(data: SequenceData, key: str, item_text: torch.Tensor | None = Non
         norms = torch.sparse.sum(keys * keys, dim=1).to_dense().sqrt()
         scale = torch.where(norms > 0, 1 / norms.clamp_min(1e-12), torch.zeros_like(norms))
         idx = keys.indices()
-        return torch.sparse_coo_tensor(idx, keys.values() * scale[idx[0]], keys.shape).coalesce().to_sparse_csr()
+        normalised = torch.sparse_coo_tensor(idx, keys.values() * scale[idx[0]], keys.shape, check_invariants=False)
+        with warnings.catch_warnings():  # torch flags every CSR tensor as beta; the ops used here are stable
+            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta", category=UserWarning)
+            return normalised.coalesce().to_sparse_csr()
     return torch.nn.functional.normalize(keys, dim=-1)
 
 
