@@ -184,4 +184,3 @@ def test_runs_still_training_are_left_out(tmp_path):
     assert [r.name for r in pb.finished_runs(tmp_path / "cfg", None)] == ["seed1"]
     with pytest.raises(SystemExit, match="no finished run"):
         pb.finished_runs(tmp_path / "cfg", [2])
-

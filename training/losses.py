@@ -164,4 +164,3 @@ def neighbour_distill_loss(student: torch.Tensor, teachers: torch.Tensor, usable
         entropy = -(teacher * teacher.clamp_min(1e-30).log()).sum(-1)
     cross = -(teacher * log_probs(student).clamp_min(-1e30)).sum(-1)  # clamp: 0 * -inf on masked items
     return (cross - entropy).mean()
-

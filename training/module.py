@@ -168,6 +168,8 @@ class LitRecommender(L.LightningModule):
                              persistent=False)
         self._user_bank: torch.Tensor | None = None
         self._user_banked: torch.Tensor | None = None
+        # what the full-softmax teacher may score: derived once, not on every training step (the term is off by default)
+        self.register_buffer("score_mask", None if neighbours is None else self._catalogue_mask(), persistent=False)
         self._eval_outputs: list[dict] = []
         self._eval_table: torch.Tensor | None = None
         self._t_last = None
@@ -193,7 +195,7 @@ class LitRecommender(L.LightningModule):
             loss = recommendation_loss(states, batch["targets"][has_target], item_table, self.loss_cfg,
                                        self.neg_probs, item_mask=self.train_items,
                                        sparse_rows=self.optim_cfg.sparse_item_grad)
-            loss = loss + self._neighbour_term(states, has_target, batch["users"], item_table, self._catalogue_mask())
+            loss = loss + self._neighbour_term(states, has_target, batch["users"], item_table, self.score_mask)
         n_seq = batch["items"].shape[0]
         self.log("train/loss", loss, prog_bar=True, batch_size=n_seq)
         now = time.perf_counter()
